@@ -1,0 +1,93 @@
+"""Cost of one search-mode training step against a plain training step of the same timm model.
+
+Each mode runs in its own subprocess so that peak memory is measured cleanly (ru_maxrss), and
+the two are run alternately to even out machine noise. Prints times, memory and the ratios.
+
+    python benchmarks/search_step.py --model deit_tiny_patch16_224 --batch-size 16
+"""
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+
+def rss_bytes() -> int:
+    with open('/proc/self/statm') as f:
+        return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
+
+
+def worker(args) -> None:
+    import timm
+    import torch
+    import torch.nn.functional as F
+
+    import spvit
+    torch.manual_seed(0)
+    model = timm.create_model(args.model, img_size=args.img_size).train()
+    net = model
+    if args.mode == 'search':
+        net = spvit.attach_search_space(model, model_name=args.model)
+        net.train()
+        target = 0.6 * net.original_flops / 1e9
+        optimizers = [torch.optim.AdamW(net.weight_parameters(), lr=1e-5),
+                      torch.optim.AdamW(net.gate_parameters(), lr=1e-3, weight_decay=0)]
+    else:
+        optimizers = [torch.optim.AdamW(net.parameters(), lr=1e-5)]
+    x = torch.randn(args.batch_size, 3, args.img_size, args.img_size)
+    y = torch.randint(0, 1000, (args.batch_size,))
+    base = rss_bytes()
+    times = []
+    for i in range(args.warmup + args.steps):
+        t = time.perf_counter()
+        loss = F.cross_entropy(net(x), y)
+        if args.mode == 'search':
+            loss = loss + ((net.flops() - target) / target) ** 2
+        loss.backward()
+        for opt in optimizers:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({'step_s': statistics.median(times), 'peak_bytes': peak, 'step_bytes': peak - base}))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--model', default='deit_tiny_patch16_224')
+    p.add_argument('--img-size', type=int, default=224)
+    p.add_argument('--batch-size', type=int, default=16)
+    p.add_argument('--steps', type=int, default=5)
+    p.add_argument('--warmup', type=int, default=2)
+    p.add_argument('--rounds', type=int, default=2, help='alternate plain/search this many times')
+    p.add_argument('--mode', choices=['plain', 'search'], help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.mode:
+        return worker(args)
+    results = {'plain': [], 'search': []}
+    for _ in range(args.rounds):
+        for mode in ('plain', 'search'):
+            out = subprocess.run([sys.executable, __file__, *sys.argv[1:], '--mode', mode],
+                                 check=True, capture_output=True, text=True).stdout
+            results[mode].append(json.loads(out.strip().splitlines()[-1]))
+    best = {m: {k: min(r[k] for r in rs) for k in rs[0]} for m, rs in results.items()}
+    mib = 2 ** 20
+    print(f'{args.model}, batch {args.batch_size}, {args.img_size}px, torch threads: {os.cpu_count()} cores')
+    print(f"{'':8} {'step (s)':>9} {'peak RSS (MiB)':>15} {'step memory (MiB)':>18}")
+    for m, r in best.items():
+        print(f"{m:8} {r['step_s']:9.3f} {r['peak_bytes'] / mib:15.0f} {r['step_bytes'] / mib:18.0f}")
+    ratios = {
+        'time': best['search']['step_s'] / best['plain']['step_s'],
+        'peak_rss': best['search']['peak_bytes'] / best['plain']['peak_bytes'],
+        'step_memory': best['search']['step_bytes'] / best['plain']['step_bytes'],
+    }
+    print('ratios search/plain: ' + ', '.join(f'{k} {v:.3f}' for k, v in ratios.items()))
+    print(json.dumps(ratios))
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,108 @@
+"""FLOPs (multiply-accumulates, counted the way fvcore counts them): the analytic model of the
+method and an fvcore measurement that also counts fused attention."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+from fvcore.nn import FlopCountAnalysis
+from fvcore.nn.jit_handles import get_shape
+
+from .arch import ATTN_OPS, Architecture
+
+
+@dataclass(frozen=True)
+class BlockDims:
+    """What the FLOPs of one block depend on. For windowed attention, ``tokens`` and ``patches``
+    are per window and ``windows`` counts them."""
+    tokens: int       # N: patches + prefix tokens
+    patches: int      # P
+    dim: int          # d
+    heads: int
+    hidden: int       # full MLP width
+    windows: int = 1
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.heads
+
+
+def _msa(b: BlockDims) -> int:
+    n, d = b.tokens, b.dim
+    return b.windows * (4 * n * d * d + 2 * n * n * d)
+
+
+def _conv3x3(b: BlockDims) -> int:
+    return b.windows * b.patches * (9 * b.dim * b.head_dim + b.head_dim * b.dim)
+
+
+def _conv1x1(b: BlockDims) -> int:
+    return b.windows * b.patches * 2 * b.dim * b.head_dim
+
+
+ATTN_FLOPS: Dict[str, Callable[[BlockDims], int]] = {
+    'skip': lambda b: 0,
+    'conv1x1': _conv1x1,
+    'conv3x3': _conv3x3,
+    'msa': _msa,
+}
+
+
+def attn_flops(b: BlockDims, op: str) -> int:
+    return ATTN_FLOPS[op](b)
+
+
+def mlp_flops(b: BlockDims, hidden: int) -> int:
+    return b.windows * 2 * b.tokens * b.dim * hidden
+
+
+def arch_flops(dims: Sequence[BlockDims], fixed: int, arch: Architecture) -> int:
+    """Total FLOPs of an architecture (exact integer)."""
+    return fixed + sum(attn_flops(b, a.attn) + mlp_flops(b, a.mlp_hidden) for b, a in zip(dims, arch.blocks))
+
+
+def gated_block_flops(b: BlockDims, attn_gates: torch.Tensor, mlp_gates: torch.Tensor) -> torch.Tensor:
+    """F_attn + F_mlp of one block as a function of its gate values (differentiable).
+
+    F_attn = I1 F_c1 + I2 (F_c3 - F_c1) + I3 (F_msa - F_c3) with I = cumprod(g).
+    """
+    i = torch.cumprod(attn_gates, 0)
+    f1, f3, fm = _conv1x1(b), _conv3x3(b), _msa(b)
+    f_attn = i[0] * f1 + i[1] * (f3 - f1) + i[2] * (fm - f3)
+    return f_attn + mlp_flops(b, 1) * mlp_gates.sum()
+
+
+def _sdpa_flop_jit(inputs: List[Any], outputs: List[Any]) -> int:
+    """q @ k^T and attn @ v of ``aten::scaled_dot_product_attention``: B*h*Nq*Nk*(d_qk + d_v)."""
+    q, k, v = (get_shape(t) for t in inputs[:3])
+    batch = 1
+    for s in q[:-2]:
+        batch *= s
+    return batch * q[-2] * k[-2] * (q[-1] + v[-1])
+
+
+def measure_flops(model: nn.Module, input_size: Tuple[int, int, int]) -> Tuple[int, Dict[str, int]]:
+    """fvcore count of one image through ``model`` (in eval mode): total and per-module totals."""
+    was_training = model.training
+    model.eval()
+    try:
+        param = next(model.parameters())
+        x = torch.zeros(1, *input_size, device=param.device, dtype=param.dtype)
+        analysis = FlopCountAnalysis(model, x)
+        analysis.set_op_handle('aten::scaled_dot_product_attention', _sdpa_flop_jit)
+        analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings('none')
+        with torch.no_grad():
+            return int(analysis.total()), {k: int(v) for k, v in analysis.by_module().items()}
+    finally:
+        model.train(was_training)
+
+
+def msa_block_flops(dims: Sequence[BlockDims]) -> int:
+    """What the untouched blocks' attention and MLPs cost, analytically."""
+    return sum(_msa(b) + mlp_flops(b, b.hidden) for b in dims)
+
+
+__all__ = ['ATTN_OPS', 'BlockDims', 'attn_flops', 'mlp_flops', 'arch_flops', 'gated_block_flops',
+           'measure_flops', 'msa_block_flops']

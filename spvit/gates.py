@@ -1,0 +1,49 @@
+"""Binary gates: relaxed-Bernoulli samples with straight-through gradients in training,
+thresholded logits in eval, and a straight-through surrogate for the FLOPs penalty."""
+from __future__ import annotations
+
+import torch
+from torch.distributions import RelaxedBernoulli
+
+_TEMPERATURE = 1.0
+
+
+def _straight_through(soft: torch.Tensor) -> torch.Tensor:
+    """Forward the hard 0/1 value, backward the gradient of ``soft``."""
+    hard = (soft > 0.5).to(soft.dtype)
+    return hard + (soft - soft.detach())   # exactly 0/1 in value
+
+
+def sample_gates(logits: torch.Tensor, training: bool) -> torch.Tensor:
+    """Gate values for the forward pass: sampled in training, deterministic (sigmoid > 0.5) in eval."""
+    if not training:
+        return (logits > 0).to(logits.dtype)
+    temperature = logits.new_tensor(_TEMPERATURE)
+    soft = RelaxedBernoulli(temperature, logits=logits, validate_args=False).rsample()
+    return _straight_through(soft)
+
+
+def deterministic_gates(logits: torch.Tensor) -> torch.Tensor:
+    """Gate values for the FLOPs penalty: hard threshold forward, sigmoid gradient backward."""
+    return _straight_through(torch.sigmoid(logits))
+
+
+def attention_gates(logits: torch.Tensor, training: bool) -> torch.Tensor:
+    """The three cumulative attention gates (conv1x1, conv3x3, msa) of one block.
+
+    In training a cheaper gate's sample is detached while a more expensive gate is also on, so
+    that the cheap gates learn only from the samples in which they decide the op.
+    """
+    g = sample_gates(logits, training)
+    if training:
+        on = g.detach() > 0.5
+        later_on = torch.stack([on[1] | on[2], on[2], torch.zeros_like(on[2])])
+        g = torch.where(later_on, g.detach(), g)
+    return g
+
+
+def attention_coefficients(gates: torch.Tensor) -> torch.Tensor:
+    """Branch weights (msa, conv3x3, conv1x1) from the three gates: I = cumprod(g),
+    msa = I3, conv3x3 = I2 (1 - I3), conv1x1 = I1 (1 - I2) (1 - I3)."""
+    i1, i2, i3 = torch.cumprod(gates, 0).unbind(0)
+    return torch.stack([i3, i2 * (1 - i3), i1 * (1 - i2) * (1 - i3)])

@@ -1,0 +1,184 @@
+"""Search-time replacements for a transformer block's attention and MLP.
+
+Both read the pretrained ``nn.Linear`` modules they replace (the very same parameters, so the
+MSA and the conv branches never drift apart) and add only what the search needs: gate logits,
+the head assignment and two BatchNorms. Either slot can be pinned to one choice, which makes its
+forward compute exactly that choice (what export produces, but still weight-shared).
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .arch import ATTN_OPS
+from .gates import attention_coefficients, attention_gates, sample_gates
+from .mixing import CENTER, OFFSETS, border_bias, conv3x3_weight, head_mixing, mix_output, mix_value, shifted_sum
+
+
+class AttentionSlot(nn.Module):
+    """skip / conv1x1 / conv3x3 / msa on the tokens of a ViT block, weight-shared with its MSA."""
+
+    def __init__(
+            self,
+            attn: nn.Module,
+            grid_size: Tuple[int, int],
+            num_prefix_tokens: int,
+            theta0: float = 1.5,
+            alpha: float = 0.01,
+    ) -> None:
+        super().__init__()
+        self.num_heads = attn.num_heads
+        self.head_dim = attn.head_dim
+        self.scale = attn.scale
+        self.fused_attn = attn.fused_attn
+        self.grid_size = tuple(grid_size)
+        self.num_prefix_tokens = num_prefix_tokens
+        self.alpha = alpha
+        self.qkv = attn.qkv
+        self.attn_drop = attn.attn_drop
+        self.proj = attn.proj
+        self.proj_drop = attn.proj_drop
+        dd = {'device': attn.qkv.weight.device, 'dtype': attn.qkv.weight.dtype}
+        self.head_assign = nn.Parameter(torch.ones(self.num_heads, len(OFFSETS), **dd))
+        self.bn1 = nn.BatchNorm1d(self.head_dim, **dd)
+        self.bn3 = nn.BatchNorm1d(self.head_dim, **dd)
+        self.gate_logits = nn.Parameter(torch.full((3,), float(theta0), **dd))
+        self.pinned_op: Optional[str] = None
+
+    def extra_repr(self) -> str:
+        return f'heads={self.num_heads}, grid={self.grid_size}, alpha={self.alpha}, pinned={self.pinned_op}'
+
+    def pin(self, op: Optional[str]) -> None:
+        if op is not None and op not in ATTN_OPS:
+            raise ValueError(f'unknown attention op {op!r}')
+        self.pinned_op = op
+
+    def mixing(self) -> torch.Tensor:
+        return head_mixing(self.head_assign, self.alpha)
+
+    # --- pieces shared by the search and the pinned forward ---
+
+    def _attend(self, q, k, v, attn_mask, is_causal) -> torch.Tensor:
+        if self.fused_attn:
+            x = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                dropout_p=self.attn_drop.p if self.training else 0.)
+        else:
+            attn = (q * self.scale) @ k.transpose(-2, -1)
+            if attn_mask is not None or is_causal:
+                raise NotImplementedError('attention masks need fused attention')
+            x = self.attn_drop(attn.softmax(dim=-1)) @ v
+        B, _, N, _ = q.shape
+        return x.transpose(1, 2).reshape(B, N, -1)
+
+    def _norm_act(self, z: torch.Tensor, bn: nn.BatchNorm1d) -> torch.Tensor:
+        shape = z.shape
+        return F.relu(bn(z.reshape(-1, shape[-1]))).reshape(shape)
+
+    def _prefix_zero(self, patch_out: torch.Tensor) -> torch.Tensor:
+        """Prefix tokens get no attention update under conv ops."""
+        B, _, C = patch_out.shape
+        zeros = patch_out.new_zeros(B, self.num_prefix_tokens, C)
+        return torch.cat([zeros, patch_out], dim=1)
+
+    # --- forward ---
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
+        if self.pinned_op is not None:
+            return self._forward_pinned(x, attn_mask, is_causal)
+        B, N, _ = x.shape
+        c_msa, c3, c1 = attention_coefficients(attention_gates(self.gate_logits, self.training)).unbind(0)
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        a = self._attend(q, k, v, attn_mask, is_causal)
+
+        mix = self.mixing()
+        z3, z1 = self._conv_branches(qkv[:, self.num_prefix_tokens:, 2], mix)
+        out_w = mix_output(self.proj.weight, mix)
+        w, b = self.proj.weight, self.proj.bias
+        out = F.linear(a, w * c_msa, None if b is None else b * c_msa)
+        conv = F.linear(z3, out_w.sum(0) * c3, None if b is None else b * (c3 + c1)) + F.linear(z1, out_w[CENTER] * c1)
+        return self.proj_drop(out + F.pad(conv, (0, 0, self.num_prefix_tokens, 0)))
+
+    def _conv_branches(self, v: torch.Tensor, mix: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """conv3x3 and conv1x1 activations from the value projection already computed for MSA.
+
+        v: (B, P, heads, hd), value of the patch tokens, bias included. Mixing the heads per offset
+        gives V_k = K_k x + b_k; the 3x3 conv is the zero-padded shifted sum of the V_k plus the
+        biases of the offsets that fall off the grid.
+        """
+        B, P, _, hd = v.shape
+        H, W = self.grid_size
+        vm = torch.einsum('bphc,hk->bpkc', v, mix)                            # (B, P, 9, hd)
+        z1 = vm[:, :, CENTER]
+        z3 = shifted_sum(vm.reshape(B, H, W, len(OFFSETS), hd))
+        if self.qkv.bias is not None:
+            b_v = self.qkv.bias[2 * self.num_heads * hd:].reshape(self.num_heads, hd)
+            z3 = z3 + border_bias(mix.t() @ b_v, self.grid_size)
+        return self._norm_act(z3.reshape(B, P, hd), self.bn3), self._norm_act(z1, self.bn1)
+
+    def _forward_pinned(self, x, attn_mask, is_causal) -> torch.Tensor:
+        op = self.pinned_op
+        B, N, C = x.shape
+        if op == 'skip':
+            return x.new_zeros(B, N, self.proj.out_features)
+        if op == 'msa':
+            qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+            return self.proj_drop(self.proj(self._attend(q, k, v, attn_mask, is_causal)))
+        mix = self.mixing()
+        hd = self.head_dim
+        w_v = self.qkv.weight[2 * self.num_heads * hd:]
+        b_v = None if self.qkv.bias is None else self.qkv.bias[2 * self.num_heads * hd:]
+        kernels, biases = mix_value(w_v, b_v, mix)
+        out_w = mix_output(self.proj.weight, mix)
+        xp = x[:, self.num_prefix_tokens:]
+        if op == 'conv1x1':
+            z = F.linear(xp, kernels[CENTER], None if biases is None else biases[CENTER])
+            z, w_o = self._norm_act(z, self.bn1), out_w[CENTER]
+        else:
+            H, W = self.grid_size
+            img = xp.transpose(1, 2).reshape(B, C, H, W)
+            z = F.conv2d(img, conv3x3_weight(kernels), None if biases is None else biases.sum(0), padding=1)
+            z, w_o = self._norm_act(z.flatten(2).transpose(1, 2), self.bn3), out_w.sum(0)
+        return self.proj_drop(self._prefix_zero(F.linear(z, w_o, self.proj.bias)))
+
+
+class MlpSlot(nn.Module):
+    """A timm ``Mlp`` with one gate per hidden unit.
+
+    The gate multiplies the hidden activation; it is applied to fc2's input columns instead,
+    which is the same product but keeps no extra activation for the backward pass.
+    """
+
+    def __init__(self, mlp: nn.Module, theta0: float = 1.5) -> None:
+        super().__init__()
+        self.fc1 = mlp.fc1
+        self.act = mlp.act
+        self.drop1 = mlp.drop1
+        self.fc2 = mlp.fc2
+        self.drop2 = mlp.drop2
+        self.hidden_features = mlp.fc1.out_features
+        w = mlp.fc1.weight
+        self.gate_logits = nn.Parameter(torch.full((self.hidden_features,), float(theta0), device=w.device, dtype=w.dtype))
+        self.register_buffer('kept', None, persistent=False)
+
+    def extra_repr(self) -> str:
+        pinned = None if self.kept is None else self.kept.numel()
+        return f'hidden={self.hidden_features}, pinned={pinned}'
+
+    def pin(self, kept: Optional[torch.Tensor]) -> None:
+        """Keep only the hidden units with these indices (None: back to gated search)."""
+        self.kept = None if kept is None else kept.to(device=self.fc1.weight.device, dtype=torch.long)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kept is not None:
+            h = F.linear(x, self.fc1.weight[self.kept], None if self.fc1.bias is None else self.fc1.bias[self.kept])
+            h = self.drop1(self.act(h))
+            return self.drop2(F.linear(h, self.fc2.weight[:, self.kept], self.fc2.bias))
+        gates = sample_gates(self.gate_logits, self.training)
+        h = self.drop1(self.act(self.fc1(x)))
+        return self.drop2(F.linear(h, self.fc2.weight * gates, self.fc2.bias))

@@ -1,0 +1,247 @@
+"""The supernet: a timm model whose blocks carry weight-shared, gated search slots.
+
+Data flows one way: pretrained timm model -> ``attach_search_space`` -> ``SuperNet`` (search) ->
+``Architecture`` + kept units -> exported hybrid model. Each supported model family has an
+adapter in ``ADAPTERS`` that knows where its blocks are and what their FLOPs depend on.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type
+
+import torch
+import torch.nn as nn
+
+from .arch import ATTN_OPS, Architecture, BlockArch
+from .errors import ArchitectureError, UnsupportedModelError
+from .flops import BlockDims, arch_flops, gated_block_flops, measure_flops, msa_block_flops
+from .gates import deterministic_gates
+from .slots import AttentionSlot, MlpSlot
+
+
+class VitAdapter:
+    """timm ``VisionTransformer`` (ViT, DeiT, distilled DeiT, register tokens, any grid)."""
+    supported = ('timm VisionTransformer models (ViT, DeiT incl. _distilled, register tokens, '
+                 'class-token or average pooling) with the standard Block/Attention/Mlp')
+
+    @staticmethod
+    def model_class() -> Type[nn.Module]:
+        from timm.models.vision_transformer import VisionTransformer
+        return VisionTransformer
+
+    def check(self, model: nn.Module) -> None:
+        from timm.layers import Mlp
+        from timm.models.vision_transformer import Attention, Block
+        if getattr(model, 'dynamic_img_size', False):
+            raise UnsupportedModelError('dynamic_img_size=True is not supported: the conv ops need a fixed patch grid')
+        if not isinstance(model.patch_drop, nn.Identity):
+            raise UnsupportedModelError('patch dropout (patch_drop_rate > 0) is not supported: the conv ops need every patch')
+        for i, blk in enumerate(model.blocks):
+            where = f'block {i}'
+            if type(blk) is not Block:
+                raise UnsupportedModelError(f'{where} is a {type(blk).__name__}, only timm Block is supported')
+            attn, mlp = blk.attn, blk.mlp
+            if type(attn) is not Attention:
+                raise UnsupportedModelError(f'{where}: attention {type(attn).__name__} is not supported, only timm Attention')
+            if not (isinstance(attn.q_norm, nn.Identity) and isinstance(attn.k_norm, nn.Identity)):
+                raise UnsupportedModelError(f'{where}: qk_norm is not supported')
+            if not isinstance(attn.norm, nn.Identity) or getattr(attn, 'gate', None) is not None:
+                raise UnsupportedModelError(f'{where}: scale_attn_norm and gated attention are not supported')
+            if attn.num_heads * attn.head_dim != model.embed_dim:
+                raise UnsupportedModelError(f'{where}: attention width differs from embed_dim')
+            if type(mlp) is not Mlp or not isinstance(mlp.fc1, nn.Linear) or not isinstance(mlp.norm, nn.Identity):
+                raise UnsupportedModelError(f'{where}: MLP {type(mlp).__name__} is not supported, only timm Mlp without norm')
+
+    @staticmethod
+    def blocks(model: nn.Module) -> List[nn.Module]:
+        return list(model.blocks)
+
+    @staticmethod
+    def input_size(model: nn.Module) -> Tuple[int, int, int]:
+        pe = model.patch_embed
+        return (pe.proj.in_channels, *pe.img_size)
+
+    def block_dims(self, model: nn.Module) -> List[BlockDims]:
+        h, w = model.patch_embed.grid_size
+        npt = model.num_prefix_tokens
+        return [BlockDims(tokens=h * w + npt, patches=h * w, dim=model.embed_dim, heads=blk.attn.num_heads,
+                          hidden=blk.mlp.fc1.out_features) for blk in model.blocks]
+
+    def attach(self, model: nn.Module, theta0: float, alpha: float) -> None:
+        grid, npt = tuple(model.patch_embed.grid_size), model.num_prefix_tokens
+        for blk in model.blocks:
+            blk.attn = AttentionSlot(blk.attn, grid, npt, theta0=theta0, alpha=alpha)
+            blk.mlp = MlpSlot(blk.mlp, theta0=theta0)
+
+
+# Registry: model class -> adapter. Subclasses (e.g. VisionTransformerDistilled) match their base.
+ADAPTERS: List[Any] = [VitAdapter()]
+
+
+def find_adapter(model: nn.Module):
+    for adapter in ADAPTERS:
+        if isinstance(model, adapter.model_class()):
+            return adapter
+    supported = '; '.join(a.supported for a in ADAPTERS)
+    raise UnsupportedModelError(f'{type(model).__name__} is not supported; spvit supports {supported}')
+
+
+def mlp_importance(slot: MlpSlot) -> torch.Tensor:
+    """|fc1 row|_1 * |fc2 column|_1 per hidden unit: which units to keep when only a count is given."""
+    return slot.fc1.weight.detach().abs().sum(1) * slot.fc2.weight.detach().abs().sum(0)
+
+
+def top_units(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """Indices of the ``count`` highest scores, in ascending index order."""
+    return torch.topk(scores, count).indices.sort().values
+
+
+class SuperNet(nn.Module):
+    """A timm model with search slots in every block, plus what the search needs around it."""
+
+    def __init__(
+            self,
+            model: nn.Module,
+            model_name: str,
+            model_kwargs: Dict[str, Any],
+            block_dims: Sequence[BlockDims],
+            fixed_flops: int,
+            input_size: Tuple[int, int, int],
+            slots: Sequence[Tuple[AttentionSlot, MlpSlot]],
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.model_name = model_name
+        self.model_kwargs = dict(model_kwargs)
+        self.block_dims = tuple(block_dims)
+        self.fixed_flops = int(fixed_flops)
+        self.input_size = tuple(input_size)
+        self._slots = tuple(slots)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    @property
+    def attn_slots(self) -> List[AttentionSlot]:
+        return [a for a, _ in self._slots]
+
+    @property
+    def mlp_slots(self) -> List[MlpSlot]:
+        return [m for _, m in self._slots]
+
+    @property
+    def original_flops(self) -> int:
+        """FLOPs of the untouched model (every block msa with its full MLP)."""
+        return self.fixed_flops + msa_block_flops(self.block_dims)
+
+    def gate_parameters(self) -> List[nn.Parameter]:
+        return [s.gate_logits for pair in self._slots for s in pair]
+
+    def weight_parameters(self) -> List[nn.Parameter]:
+        gates = {id(p) for p in self.gate_parameters()}
+        return [p for p in self.parameters() if id(p) not in gates]
+
+    # --- FLOPs ---
+
+    def flops(self) -> torch.Tensor:
+        """Analytic GFLOPs under the deterministic gates, differentiable in the gate logits."""
+        total = sum(gated_block_flops(b, deterministic_gates(a.gate_logits), deterministic_gates(m.gate_logits))
+                    for b, (a, m) in zip(self.block_dims, self._slots))
+        return (total + self.fixed_flops) / 1e9
+
+    def arch_flops(self, arch: Architecture) -> int:
+        """Analytic FLOPs (MACs) of an architecture of this model."""
+        return arch_flops(self.block_dims, self.fixed_flops, arch)
+
+    def min_flops(self) -> int:
+        """The cheapest reachable architecture: every block skip with one hidden unit."""
+        return arch_flops(self.block_dims, self.fixed_flops, self._uniform_arch('skip', 1))
+
+    # --- reading and pinning architectures ---
+
+    def mlp_masks(self) -> List[torch.Tensor]:
+        """Kept hidden units under the deterministic gates (at least the unit of highest logit)."""
+        masks = []
+        for m in self.mlp_slots:
+            mask = m.gate_logits.detach() > 0
+            if not mask.any():
+                mask[m.gate_logits.detach().argmax()] = True
+            masks.append(mask)
+        return masks
+
+    def architecture(self) -> Architecture:
+        """The architecture the deterministic gates select (the pinned one, if pinned)."""
+        blocks = []
+        for a, m in self._slots:
+            if a.pinned_op is not None and m.kept is not None:
+                blocks.append(BlockArch(a.pinned_op, int(m.kept.numel())))
+                continue
+            g = torch.cumprod((a.gate_logits.detach() > 0).long(), 0)
+            mask = m.gate_logits.detach() > 0
+            blocks.append(BlockArch(ATTN_OPS[int(g.sum())], max(1, int(mask.sum()))))
+        return Architecture(model=self.model_name, model_kwargs=dict(self.model_kwargs), blocks=blocks)
+
+    def kept_units(self) -> List[torch.Tensor]:
+        """Indices of the kept hidden units per block, as export and checkpoints store them."""
+        if all(m.kept is not None for m in self.mlp_slots):
+            return [m.kept.clone() for m in self.mlp_slots]
+        return [mask.nonzero().flatten() for mask in self.mlp_masks()]
+
+    def validate(self, arch: Architecture) -> None:
+        arch.validate([b.hidden for b in self.block_dims])
+
+    def pin(self, arch: Architecture, kept: Optional[Sequence[torch.Tensor]] = None) -> None:
+        """Make the forward compute exactly ``arch``. ``kept`` gives each block's hidden-unit indices;
+        without it the units with the largest |fc1 row| * |fc2 column| are kept."""
+        self.validate(arch)
+        if kept is not None:
+            if len(kept) != len(arch.blocks):
+                raise ArchitectureError(f'kept units given for {len(kept)} blocks, architecture has {len(arch.blocks)}')
+            for i, (idx, b) in enumerate(zip(kept, arch.blocks)):
+                if idx.numel() != b.mlp_hidden:
+                    raise ArchitectureError(f'block {i}: {idx.numel()} kept units but mlp_hidden is {b.mlp_hidden}')
+        for i, (b, (a, m)) in enumerate(zip(arch.blocks, self._slots)):
+            a.pin(b.attn)
+            m.pin(kept[i] if kept is not None else top_units(mlp_importance(m), b.mlp_hidden))
+
+    def pin_current(self) -> None:
+        """Pin the architecture and units that the deterministic gates select."""
+        self.pin(self.architecture(), self.kept_units())
+
+    def unpin(self) -> None:
+        for a, m in self._slots:
+            a.pin(None)
+            m.pin(None)
+
+    @property
+    def pinned(self) -> bool:
+        return all(a.pinned_op is not None for a in self.attn_slots)
+
+    def _uniform_arch(self, op: str, hidden: Optional[int] = None) -> Architecture:
+        blocks = [BlockArch(op, hidden or b.hidden) for b in self.block_dims]
+        return Architecture(model=self.model_name, model_kwargs=dict(self.model_kwargs), blocks=blocks)
+
+
+def attach_search_space(
+        model: nn.Module,
+        theta0: float = 1.5,
+        alpha: float = 0.01,
+        model_name: Optional[str] = None,
+        model_kwargs: Optional[Dict[str, Any]] = None,
+) -> SuperNet:
+    """Turn a pretrained timm model into a supernet, in place: its blocks' attention and MLP are
+    replaced by search slots that read the same parameters. ``copy.deepcopy`` the model first to
+    keep the original. ``model_name``/``model_kwargs`` (what ``timm.create_model`` was given) are
+    recorded in architectures; the name defaults to the model's pretrained config.
+    """
+    adapter = find_adapter(model)
+    adapter.check(model)
+    if model_name is None:
+        model_name = (getattr(model, 'pretrained_cfg', None) or {}).get('architecture')
+        if not model_name:
+            raise UnsupportedModelError('cannot tell the timm model name; pass model_name=')
+    dims = adapter.block_dims(model)
+    input_size = adapter.input_size(model)
+    total, _ = measure_flops(model, input_size)
+    adapter.attach(model, theta0, alpha)
+    slots = [(blk.attn, blk.mlp) for blk in adapter.blocks(model)]
+    return SuperNet(model, model_name, model_kwargs or {}, dims, total - msa_block_flops(dims), input_size, slots)

@@ -1,0 +1,54 @@
+import copy
+
+import pytest
+import timm
+import torch
+
+import spvit
+
+
+def build(name, **kwargs):
+    torch.manual_seed(0)
+    model = timm.create_model(name, **kwargs)
+    return model.eval()
+
+
+def supernet_and_original(name, theta0=1.5, alpha=0.01, **kwargs):
+    """A timm model with random but fixed weights, its untouched copy, and the supernet made from it."""
+    model = build(name, **kwargs)
+    original = copy.deepcopy(model)
+    return spvit.attach_search_space(model, theta0=theta0, alpha=alpha, model_name=name, model_kwargs=kwargs), original
+
+
+# A small ViT that keeps tests fast: 8x8 patch grid, 4 heads, 4 blocks.
+SMALL = dict(img_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=4, num_classes=10)
+
+
+@pytest.fixture
+def small_supernet():
+    return supernet_and_original('vit_tiny_patch16_224', **SMALL)
+
+
+def randomize_batchnorm(supernet, seed=0):
+    """Give the conv branches' BatchNorms non-trivial eval statistics and affine parameters."""
+    g = torch.Generator().manual_seed(seed)
+    for slot in supernet.attn_slots:
+        for bn in (slot.bn1, slot.bn3):
+            bn.running_mean.copy_(torch.randn(bn.num_features, generator=g) * 0.1)
+            bn.running_var.copy_(torch.rand(bn.num_features, generator=g) + 0.5)
+            bn.weight.data.copy_(torch.rand(bn.num_features, generator=g) + 0.5)
+            bn.bias.data.copy_(torch.randn(bn.num_features, generator=g) * 0.1)
+
+
+def random_arch(supernet, seed):
+    """A random architecture using all four ops, and random kept units."""
+    g = torch.Generator().manual_seed(seed)
+    n = len(supernet.block_dims)
+    ops = [spvit.ATTN_OPS[i % 4] for i in torch.randperm(n, generator=g).tolist()]
+    blocks, kept = [], []
+    for op, dims in zip(ops, supernet.block_dims):
+        width = int(torch.randint(1, dims.hidden + 1, (1,), generator=g))
+        blocks.append(spvit.BlockArch(op, width))
+        kept.append(torch.randperm(dims.hidden, generator=g)[:width].sort().values)
+    arch = spvit.Architecture(model=supernet.model_name, model_kwargs=supernet.model_kwargs, blocks=blocks)
+    return arch, kept

@@ -1,0 +1,197 @@
+"""The weight-shared search space: equivalence with timm, the conv branches against the method's
+formulas, gates, weight sharing and pinning."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import spvit
+from spvit.gates import attention_gates, sample_gates
+from spvit.mixing import OFFSETS
+
+from conftest import SMALL, randomize_batchnorm, random_arch, supernet_and_original
+
+EQUIVALENCE_CASES = [
+    ('deit_tiny_patch16_224', {}),
+    ('deit_tiny_distilled_patch16_224', {}),
+    ('vit_tiny_patch16_224', dict(reg_tokens=4, img_size=96)),                       # register tokens
+    ('deit_tiny_patch16_224', dict(img_size=160)),                                   # non-224
+    ('vit_tiny_patch16_224', dict(SMALL, class_token=False, global_pool='avg')),     # average pooling
+]
+
+
+@pytest.mark.parametrize('name,kwargs', EQUIVALENCE_CASES)
+def test_all_gates_open_matches_timm(name, kwargs):
+    supernet, original = supernet_and_original(name, **kwargs)
+    supernet.eval()
+    size = original.patch_embed.img_size
+    x = torch.randn(2, 3, *size)
+    with torch.no_grad():
+        diff = (supernet(x) - original(x)).abs().max().item()
+    assert diff <= 1e-5
+    assert all(b.attn == 'msa' for b in supernet.architecture().blocks)
+
+
+def test_weights_are_shared_not_copied(small_supernet):
+    supernet, original = small_supernet
+    slot = supernet.attn_slots[0]
+    blk = supernet.model.blocks[0]
+    assert slot.qkv is blk.attn.qkv and slot.proj.weight is blk.attn.proj.weight
+    # Only the head assignment, two BatchNorms and the gate logits are new.
+    extra = sum(p.numel() for p in supernet.parameters()) - sum(p.numel() for p in original.parameters())
+    per_block = [a.head_assign.numel() + 4 * a.head_dim + 3 + m.hidden_features
+                 for a, m in zip(supernet.attn_slots, supernet.mlp_slots)]
+    assert extra == sum(per_block)
+    # Changing the value projection changes the conv branch output (it reads the same tensor).
+    supernet.eval()
+    slot.gate_logits.data = torch.tensor([5., 5., -5.])
+    x = torch.randn(2, 65, 64)
+    before = slot(x)
+    with torch.no_grad():
+        slot.qkv.weight[128:] += 0.1
+    assert not torch.allclose(before, slot(x))
+
+
+def reference_conv(slot, x, op):
+    """The conv ops written straight from the method doc, with conv2d on the mixed kernels."""
+    heads, hd = slot.num_heads, slot.head_dim
+    d = x.shape[-1]
+    H, W = slot.grid_size
+    npt = slot.num_prefix_tokens
+    P = torch.softmax(slot.head_assign / slot.alpha, dim=0)
+    Wv, bv = slot.qkv.weight[2 * d:], slot.qkv.bias[2 * d:]
+    Wo, bo = slot.proj.weight, slot.proj.bias
+    K = [sum(P[h, k] * Wv[h * hd:(h + 1) * hd] for h in range(heads)) for k in range(9)]
+    b = [sum(P[h, k] * bv[h * hd:(h + 1) * hd] for h in range(heads)) for k in range(9)]
+    O = [sum(P[h, k] * Wo[:, h * hd:(h + 1) * hd] for h in range(heads)) for k in range(9)]
+    img = x[:, npt:].transpose(1, 2).reshape(x.shape[0], d, H, W)
+    if op == 'conv1x1':
+        weight, bias, out_w, bn = K[4][:, :, None, None], b[4], O[4], slot.bn1
+        z = F.conv2d(img, weight, bias)
+    else:
+        weight = torch.zeros(hd, d, 3, 3)
+        for k, (dy, dx) in enumerate(OFFSETS):
+            weight[:, :, dy + 1, dx + 1] = K[k]
+        bias, out_w, bn = sum(b), sum(O), slot.bn3
+        z = F.conv2d(img, weight, bias, padding=1)
+    z = (z - bn.running_mean[:, None, None]) / torch.sqrt(bn.running_var[:, None, None] + bn.eps)
+    z = torch.relu(z * bn.weight[:, None, None] + bn.bias[:, None, None])
+    out = torch.einsum('bchw,dc->bhwd', z, out_w).reshape(x.shape[0], H * W, d) + bo
+    return torch.cat([torch.zeros(x.shape[0], npt, d), out], dim=1)
+
+
+@pytest.mark.parametrize('op,logits', [('conv1x1', [5., -5., -5.]), ('conv3x3', [5., 5., -5.])])
+def test_conv_branches_match_formulas(small_supernet, op, logits):
+    supernet, _ = small_supernet
+    randomize_batchnorm(supernet)
+    supernet.eval()
+    slot = supernet.attn_slots[1]
+    torch.manual_seed(1)
+    slot.head_assign.data = torch.randn_like(slot.head_assign) * 0.02   # non-uniform mixing at alpha=0.01
+    slot.qkv.bias.data.normal_()                                        # exercise the padding bias
+    slot.gate_logits.data = torch.tensor(logits)
+    x = torch.randn(2, 65, 64)
+    with torch.no_grad():
+        expected = reference_conv(slot, x, op)
+        searched = slot(x)
+        slot.pin(op)
+        pinned = slot(x)
+    assert (searched - expected).abs().max().item() <= 1e-5
+    assert (pinned - expected).abs().max().item() <= 1e-5
+    assert searched[:, 0].abs().max().item() == 0   # the class token gets no update
+
+
+def test_skip_gives_zero(small_supernet):
+    supernet, _ = small_supernet
+    supernet.eval()
+    slot = supernet.attn_slots[0]
+    slot.gate_logits.data = torch.tensor([-1., 3., 3.])    # first cumulative gate closed
+    with torch.no_grad():
+        assert slot(torch.randn(2, 65, 64)).abs().max().item() == 0
+
+
+def test_training_gates_are_binary_and_get_gradients():
+    # Average pooling: with class-token pooling the last block's conv ops (which leave the class
+    # token alone) cannot change the logits, so their gates would rightly get no gradient.
+    supernet, _ = supernet_and_original('vit_tiny_patch16_224', **dict(SMALL, class_token=False, global_pool='avg'))
+    supernet.train()
+    for p in supernet.gate_parameters():
+        p.data.zero_()          # p = 0.5: every op gets sampled over a few steps
+    torch.manual_seed(0)
+    for _ in range(30):
+        g = sample_gates(torch.zeros(1000), training=True)
+        assert set(g.unique().tolist()) <= {0.0, 1.0}
+        supernet(torch.randn(2, 3, 32, 32)).logsumexp(-1).sum().backward()
+    for a, m in zip(supernet.attn_slots, supernet.mlp_slots):
+        assert (a.gate_logits.grad != 0).all()
+        assert a.head_assign.grad.abs().sum() > 0
+        assert (m.gate_logits.grad != 0).float().mean() > 0.9
+
+
+def test_detach_rule():
+    """A cheaper gate's sample is detached exactly when a more expensive gate is also on."""
+    torch.manual_seed(0)
+    seen = set()
+    for _ in range(200):
+        logits = torch.zeros(3, requires_grad=True)
+        g = attention_gates(logits, training=True)
+        g.sum().backward()
+        on = g.detach().bool().tolist()
+        seen.add(tuple(on))
+        assert (logits.grad[0] == 0) == (on[1] or on[2])
+        assert (logits.grad[1] == 0) == on[2]
+        assert logits.grad[2] != 0
+    assert len(seen) == 8
+
+
+def test_eval_is_deterministic(small_supernet):
+    supernet, _ = small_supernet
+    for p in supernet.gate_parameters():
+        p.data.normal_()
+    supernet.eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(supernet(x), supernet(x))
+
+
+@pytest.mark.parametrize('seed', range(3))
+def test_pinned_equals_gated_eval(small_supernet, seed):
+    """Pinning an architecture computes what the deterministic gates of that architecture compute."""
+    supernet, _ = small_supernet
+    randomize_batchnorm(supernet, seed)
+    arch, kept = random_arch(supernet, seed)
+    for b, a, m, idx in zip(arch.blocks, supernet.attn_slots, supernet.mlp_slots, kept):
+        n_open = spvit.ATTN_OPS.index(b.attn)
+        a.gate_logits.data = torch.tensor([1. if i < n_open else -1. for i in range(3)])
+        m.gate_logits.data = -torch.ones(m.hidden_features)
+        m.gate_logits.data[idx] = 1.
+    supernet.eval()
+    assert supernet.architecture() == arch
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        gated = supernet(x)
+        supernet.pin_current()
+        pinned = supernet(x)
+        assert supernet.architecture() == arch
+        supernet.unpin()
+        assert torch.equal(supernet(x), gated)
+    assert (gated - pinned).abs().max().item() <= 1e-5
+
+
+def test_pin_by_importance_keeps_largest_units(small_supernet):
+    supernet, _ = small_supernet
+    arch = supernet.architecture()
+    for b in arch.blocks:
+        b.mlp_hidden = 100
+    supernet.pin(arch)
+    m = supernet.mlp_slots[0]
+    score = m.fc1.weight.abs().sum(1) * m.fc2.weight.abs().sum(0)
+    assert set(m.kept.tolist()) == set(score.topk(100).indices.tolist())
+
+
+def test_all_gates_closed_keeps_one_unit(small_supernet):
+    supernet, _ = small_supernet
+    for p in supernet.gate_parameters():
+        p.data.fill_(-3.)
+    arch = supernet.architecture()
+    assert all(b.attn == 'skip' and b.mlp_hidden == 1 for b in arch.blocks)
+    assert [k.numel() for k in supernet.kept_units()] == [1] * 4
