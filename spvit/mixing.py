@@ -44,6 +44,31 @@ def conv3x3_weight(kernels: torch.Tensor) -> torch.Tensor:
     return kernels.permute(1, 2, 0).reshape(hd, d, 3, 3)
 
 
+class _MixHeads(torch.autograd.Function):
+    """V_k = sum_h P[h,k] v_h for every patch: (B, heads, P, C) x (heads, 9) -> (B, P, 9, C).
+
+    Same as ``torch.einsum('bhpc,hk->bpkc')``, but keeps v as given for the backward pass:
+    einsum saves its own rearranged copy of v, one more activation per block.
+    """
+
+    @staticmethod
+    def forward(ctx, v: torch.Tensor, mix: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(v, mix)
+        return torch.einsum('bhpc,hk->bpkc', v, mix)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        v, mix = ctx.saved_tensors
+        grad_v = torch.einsum('bpkc,hk->bhpc', grad, mix) if ctx.needs_input_grad[0] else None
+        grad_mix = torch.einsum('bhpc,bpkc->hk', v, grad) if ctx.needs_input_grad[1] else None
+        return grad_v, grad_mix
+
+
+def mix_heads(v: torch.Tensor, mix: torch.Tensor) -> torch.Tensor:
+    """Per-offset head mixtures of the value projection: (B, heads, P, C) -> (B, P, 9, C)."""
+    return _MixHeads.apply(v, mix)
+
+
 def _valid(delta: int, size: int) -> Tuple[slice, slice]:
     """Output positions p (and source positions p + delta) that stay inside [0, size)."""
     lo, hi = max(0, -delta), size - max(0, delta)

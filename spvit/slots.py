@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from .arch import ATTN_OPS
 from .gates import attention_coefficients, attention_gates, sample_gates
-from .mixing import CENTER, OFFSETS, border_bias, conv3x3_weight, head_mixing, mix_output, mix_value, shifted_sum
+from .mixing import CENTER, OFFSETS, border_bias, conv3x3_weight, head_mixing, mix_heads, mix_output, mix_value, shifted_sum
 
 
 class AttentionSlot(nn.Module):
@@ -95,30 +95,37 @@ class AttentionSlot(nn.Module):
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         a = self._attend(q, k, v, attn_mask, is_causal)
 
+        # O_k = sum_h P[h,k] W_o^h, so a conv output O z is the MSA projection of z placed in
+        # every head slot h with weight sum_k P[h,k] (conv3x3) or P[h,centre] (conv1x1): the conv
+        # branches join the attention output before the one shared projection.
         mix = self.mixing()
-        z3, z1 = self._conv_branches(qkv[:, self.num_prefix_tokens:, 2], mix)
-        out_w = mix_output(self.proj.weight, mix)
-        w, b = self.proj.weight, self.proj.bias
-        out = F.linear(a, w * c_msa, None if b is None else b * c_msa)
-        conv = F.linear(z3, out_w.sum(0) * c3, None if b is None else b * (c3 + c1)) + F.linear(z1, out_w[CENTER] * c1)
-        return self.proj_drop(out + F.pad(conv, (0, 0, self.num_prefix_tokens, 0)))
+        z3, z1 = self._conv_branches(v[:, :, self.num_prefix_tokens:], mix)
+        w3 = (mix.sum(1) * c3)[:, None]
+        w1 = (mix[:, CENTER] * c1)[:, None]
+        conv = (z3[:, :, None] * w3 + z1[:, :, None] * w1).flatten(2)          # (B, P, d)
+        out = F.linear(a * c_msa + F.pad(conv, (0, 0, self.num_prefix_tokens, 0)), self.proj.weight)
+        b = self.proj.bias
+        if b is not None:   # prefix tokens get the bias only from msa
+            out = out + torch.cat([(b * c_msa).expand(self.num_prefix_tokens, -1),
+                                   (b * (c_msa + c3 + c1)).expand(N - self.num_prefix_tokens, -1)])
+        return self.proj_drop(out)
 
     def _conv_branches(self, v: torch.Tensor, mix: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """conv3x3 and conv1x1 activations from the value projection already computed for MSA.
+        """conv3x3 and conv1x1 activations (B, P, hd) from the value projection that MSA already
+        computed.
 
-        v: (B, P, heads, hd), value of the patch tokens, bias included. Mixing the heads per offset
+        v: (B, heads, P, hd), value of the patch tokens, bias included. Mixing the heads per offset
         gives V_k = K_k x + b_k; the 3x3 conv is the zero-padded shifted sum of the V_k plus the
         biases of the offsets that fall off the grid.
         """
-        B, P, _, hd = v.shape
+        B, _, P, hd = v.shape
         H, W = self.grid_size
-        vm = torch.einsum('bphc,hk->bpkc', v, mix)                            # (B, P, 9, hd)
-        z1 = vm[:, :, CENTER]
+        vm = mix_heads(v, mix)                                                # (B, P, 9, hd)
         z3 = shifted_sum(vm.reshape(B, H, W, len(OFFSETS), hd))
         if self.qkv.bias is not None:
             b_v = self.qkv.bias[2 * self.num_heads * hd:].reshape(self.num_heads, hd)
             z3 = z3 + border_bias(mix.t() @ b_v, self.grid_size)
-        return self._norm_act(z3.reshape(B, P, hd), self.bn3), self._norm_act(z1, self.bn1)
+        return self._norm_act(z3.reshape(B, P, hd), self.bn3), self._norm_act(vm[:, :, CENTER].contiguous(), self.bn1)
 
     def _forward_pinned(self, x, attn_mask, is_causal) -> torch.Tensor:
         op = self.pinned_op

@@ -195,3 +195,21 @@ def test_all_gates_closed_keeps_one_unit(small_supernet):
     arch = supernet.architecture()
     assert all(b.attn == 'skip' and b.mlp_hidden == 1 for b in arch.blocks)
     assert [k.numel() for k in supernet.kept_units()] == [1] * 4
+
+
+def test_custom_autograd_functions_gradcheck():
+    from spvit.mixing import mix_heads, shifted_sum
+    torch.manual_seed(0)
+    v = torch.randn(2, 3, 4 * 5, 2, dtype=torch.double, requires_grad=True)
+    mix = torch.rand(3, 9, dtype=torch.double, requires_grad=True)
+    assert torch.autograd.gradcheck(mix_heads, (v, mix))
+    planes = torch.randn(2, 4, 5, 9, 2, dtype=torch.double, requires_grad=True)
+    assert torch.autograd.gradcheck(shifted_sum, (planes,))
+    # shifted_sum is a zero-padded 3x3 conv with one-hot kernels per offset
+    kernel = torch.zeros(2, 9 * 2, 3, 3, dtype=torch.double)
+    for k, (dy, dx) in enumerate(OFFSETS):
+        for c in range(2):
+            kernel[c, k * 2 + c, dy + 1, dx + 1] = 1
+    img = planes.detach().permute(0, 3, 4, 1, 2).reshape(2, 18, 4, 5)
+    expected = F.conv2d(img, kernel, padding=1).permute(0, 2, 3, 1)
+    assert torch.allclose(shifted_sum(planes.detach()), expected)
