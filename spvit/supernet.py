@@ -107,9 +107,13 @@ class SuperNet(nn.Module):
             fixed_flops: int,
             input_size: Tuple[int, int, int],
             slots: Sequence[Tuple[AttentionSlot, MlpSlot]],
+            theta0: float = 1.5,
+            alpha: float = 0.01,
     ) -> None:
         super().__init__()
         self.model = model
+        self.theta0 = theta0
+        self.alpha = alpha
         self.model_name = model_name
         self.model_kwargs = dict(model_kwargs)
         self.block_dims = tuple(block_dims)
@@ -244,4 +248,5 @@ def attach_search_space(
     total, _ = measure_flops(model, input_size)
     adapter.attach(model, theta0, alpha)
     slots = [(blk.attn, blk.mlp) for blk in adapter.blocks(model)]
-    return SuperNet(model, model_name, model_kwargs or {}, dims, total - msa_block_flops(dims), input_size, slots)
+    return SuperNet(model, model_name, model_kwargs or {}, dims, total - msa_block_flops(dims), input_size, slots,
+                    theta0=theta0, alpha=alpha)

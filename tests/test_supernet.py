@@ -213,3 +213,18 @@ def test_custom_autograd_functions_gradcheck():
     img = planes.detach().permute(0, 3, 4, 1, 2).reshape(2, 18, 4, 5)
     expected = F.conv2d(img, kernel, padding=1).permute(0, 2, 3, 1)
     assert torch.allclose(shifted_sum(planes.detach()), expected)
+
+
+def test_supernet_record_round_trip(tmp_path, small_supernet):
+    from spvit.checkpoint import atomic_save, load_file, supernet_from_record, supernet_record
+    supernet, _ = small_supernet
+    randomize_batchnorm(supernet)
+    for p in supernet.gate_parameters():
+        p.data.normal_()
+    path = str(tmp_path / 's.pth')
+    atomic_save({'format': 'spvit-search', 'supernet': supernet_record(supernet)}, path)
+    rebuilt = supernet_from_record(load_file(path, 'spvit-search')['supernet'])
+    supernet.eval(), rebuilt.eval()
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(supernet(x), rebuilt(x))
+    assert rebuilt.architecture() == supernet.architecture()

@@ -1,0 +1,66 @@
+"""Writing files atomically and the search checkpoint format (loadable with weights_only=True)."""
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, Optional
+
+import torch
+
+from .errors import CheckpointError
+
+SEARCH_FORMAT = 'spvit-search'
+
+
+def atomic_save(obj: Any, path: str) -> None:
+    """torch.save to a temp file beside ``path``, then rename: a crash never leaves half a file."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise CheckpointError(f'output directory does not exist: {directory}')
+    tmp = f'{path}.tmp{os.getpid()}'
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_file(path: str, expect_format: Optional[str] = None) -> Dict[str, Any]:
+    """torch.load with weights_only=True and clear errors; checks the spvit format tag if asked."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f'file not found: {path}')
+    try:
+        data = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ''
+        raise CheckpointError(f'cannot read {path} (truncated, corrupted or not a checkpoint): {type(e).__name__} {first}') from None
+    if expect_format is not None:
+        found = data.get('format') if isinstance(data, dict) else None
+        if found != expect_format:
+            raise CheckpointError(f'{path} is not an {expect_format} checkpoint' + (f' (it is {found})' if found else ''))
+    return data
+
+
+def supernet_record(supernet) -> Dict[str, Any]:
+    """What rebuilds a supernet: timm name and kwargs, gate settings and the full state dict."""
+    return {
+        'model_name': supernet.model_name,
+        'model_kwargs': dict(supernet.model_kwargs),
+        'theta0': supernet.theta0,
+        'alpha': supernet.alpha,
+        'state_dict': supernet.state_dict(),
+    }
+
+
+def supernet_from_record(record: Dict[str, Any]):
+    """Rebuild the supernet of ``supernet_record`` (random init, then the saved state)."""
+    from .models import create_model
+    from .supernet import attach_search_space
+    model = create_model(record['model_name'], record['model_kwargs'])
+    supernet = attach_search_space(model, theta0=record['theta0'], alpha=record['alpha'],
+                                   model_name=record['model_name'], model_kwargs=record['model_kwargs'])
+    try:
+        supernet.load_state_dict(record['state_dict'])
+    except RuntimeError as e:
+        raise CheckpointError(f'search state does not fit {record["model_name"]}: {str(e).splitlines()[0]}') from None
+    return supernet
