@@ -16,11 +16,19 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def run(main: Callable[[Optional[Sequence[str]]], Optional[int]], argv: Optional[Sequence[str]] = None) -> None:
-    """Run a tool's main; user errors become ``<tool>: error: <message>`` on stderr and exit 2."""
+    """Run a tool's main: bad input exits 2 with ``<tool>: error: <message>``, a failed run 1,
+    an interrupted one 130/143 (SIGINT/SIGTERM), all without a traceback."""
+    from .runtime import Interrupted, TrainingError
+    prog = sys.argv[0].rsplit('/', 1)[-1]
     try:
         code = main(argv)
     except SpvitError as e:
-        prog = sys.argv[0].rsplit('/', 1)[-1]
         print(f'{prog}: error: {e}', file=sys.stderr)
         sys.exit(2)
+    except TrainingError as e:
+        print(f'{prog}: error: {e}', file=sys.stderr)
+        sys.exit(1)
+    except Interrupted as e:
+        print(f'{prog}: interrupted; state saved, resume with --resume', file=sys.stderr)
+        sys.exit(e.code)
     sys.exit(code or 0)

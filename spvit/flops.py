@@ -5,10 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Sequence, Tuple
 
+import warnings
+
 import torch
 import torch.nn as nn
-from fvcore.nn import FlopCountAnalysis
-from fvcore.nn.jit_handles import get_shape
+
+with warnings.catch_warnings():   # fvcore's import scripts a loss with the deprecated torch.jit.script
+    warnings.filterwarnings('ignore', message='`torch.jit.script', category=FutureWarning)
+    from fvcore.nn import FlopCountAnalysis
+    from fvcore.nn.jit_handles import get_shape
 
 from .arch import ATTN_OPS, Architecture
 

@@ -28,18 +28,30 @@ def deterministic_gates(logits: torch.Tensor) -> torch.Tensor:
     return _straight_through(torch.sigmoid(logits))
 
 
-def attention_gates(logits: torch.Tensor, training: bool) -> torch.Tensor:
-    """The three cumulative attention gates (conv1x1, conv3x3, msa) of one block.
+def detach_cheaper(gates: torch.Tensor) -> torch.Tensor:
+    """Detach each cheaper attention gate while a more expensive op is selected.
 
-    In training a cheaper gate's sample is detached while a more expensive gate is also on, so
-    that the cheap gates learn only from the samples in which they decide the op.
+    g1 is detached while I2 = g1 g2 is on (conv3x3 or msa), g2 while I3 = g1 g2 g3 is on (msa).
+    The cheap gates then learn only while they decide the op: with MSA open, neither the task
+    loss nor the FLOPs penalty moves the conv gates, and a block is pruned one step at a time
+    (msa -> conv3x3 -> conv1x1 -> skip) instead of all gates racing to zero together.
     """
+    on = torch.cumprod(gates.detach(), 0) > 0.5
+    later_on = torch.stack([on[1], on[2], torch.zeros_like(on[2])])
+    return torch.where(later_on, gates.detach(), gates)
+
+
+def attention_gates(logits: torch.Tensor, training: bool) -> torch.Tensor:
+    """The three cumulative attention gates (conv1x1, conv3x3, msa) of one block: sampled with
+    the detach rule in training, thresholded in eval."""
     g = sample_gates(logits, training)
-    if training:
-        on = g.detach() > 0.5
-        later_on = torch.stack([on[1] | on[2], on[2], torch.zeros_like(on[2])])
-        g = torch.where(later_on, g.detach(), g)
-    return g
+    return detach_cheaper(g) if training else g
+
+
+def penalty_attention_gates(logits: torch.Tensor) -> torch.Tensor:
+    """The attention gates as the FLOPs penalty sees them: deterministic, straight-through,
+    with the same detach rule as in training."""
+    return detach_cheaper(deterministic_gates(logits))
 
 
 def attention_coefficients(gates: torch.Tensor) -> torch.Tensor:

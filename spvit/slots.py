@@ -120,7 +120,7 @@ class AttentionSlot(nn.Module):
         """
         B, _, P, hd = v.shape
         H, W = self.grid_size
-        vm = mix_heads(v, mix)                                                # (B, P, 9, hd)
+        vm = mix_heads(v, mix.to(v.dtype))                                          # (B, P, 9, hd)
         z3 = shifted_sum(vm.reshape(B, H, W, len(OFFSETS), hd))
         if self.qkv.bias is not None:
             b_v = self.qkv.bias[2 * self.num_heads * hd:].reshape(self.num_heads, hd)

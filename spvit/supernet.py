@@ -14,7 +14,7 @@ import torch.nn as nn
 from .arch import ATTN_OPS, Architecture, BlockArch
 from .errors import ArchitectureError, UnsupportedModelError
 from .flops import BlockDims, arch_flops, gated_block_flops, measure_flops, msa_block_flops
-from .gates import deterministic_gates
+from .gates import deterministic_gates, penalty_attention_gates
 from .slots import AttentionSlot, MlpSlot
 
 
@@ -148,7 +148,7 @@ class SuperNet(nn.Module):
 
     def flops(self) -> torch.Tensor:
         """Analytic GFLOPs under the deterministic gates, differentiable in the gate logits."""
-        total = sum(gated_block_flops(b, deterministic_gates(a.gate_logits), deterministic_gates(m.gate_logits))
+        total = sum(gated_block_flops(b, penalty_attention_gates(a.gate_logits), deterministic_gates(m.gate_logits))
                     for b, (a, m) in zip(self.block_dims, self._slots))
         return (total + self.fixed_flops) / 1e9
 

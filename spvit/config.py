@@ -1,0 +1,154 @@
+"""Run configurations: a dataclass of defaults, a YAML file over it, and flags over both.
+
+Every field is a YAML key and a flag of the same name (``loss_lambda`` <-> ``--loss-lambda``), so
+a shipped config can be overridden key by key from the command line.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from typing import Any, Dict, List, Optional, Sequence, Type, TypeVar
+
+import yaml
+
+from .errors import SpvitError
+
+
+class ConfigError(SpvitError):
+    """A config file or flag value is malformed."""
+
+
+T = TypeVar('T')
+
+
+def field(default: Any = None, help: str = '', **kwargs) -> Any:
+    """A config field with its help text (shown by --help)."""
+    if isinstance(default, (dict, list)):
+        value = default
+        return dataclasses.field(default_factory=lambda: type(value)(value), metadata={'help': help, **kwargs})
+    return dataclasses.field(default=default, metadata={'help': help, **kwargs})
+
+
+def _base_type(tp: Any) -> Any:
+    """Optional[X] -> X."""
+    if typing.get_origin(tp) is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0]
+    return tp
+
+
+def parse_kv(items: Sequence[str]) -> Dict[str, Any]:
+    """['img_size=32', 'drop_path_rate=0.1'] -> {'img_size': 32, 'drop_path_rate': 0.1}."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition('=')
+        if not sep or not key:
+            raise ConfigError(f'expected key=value, got {item!r}')
+        try:
+            out[key] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            out[key] = value
+    return out
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls: Type[Any]) -> None:
+    """One flag per dataclass field; defaults are None so that only given flags override."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = _base_type(hints[f.name])
+        flag = '--' + f.name.replace('_', '-')
+        kw: Dict[str, Any] = dict(dest=f.name, default=None, help=f.metadata.get('help', ''))
+        if 'choices' in f.metadata:
+            kw['choices'] = f.metadata['choices']
+        if tp is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        elif typing.get_origin(tp) in (dict, Dict):
+            parser.add_argument(flag, nargs='*', metavar='KEY=VALUE', type=str, **kw)
+        elif typing.get_origin(tp) in (list, List):
+            parser.add_argument(flag, nargs='+', type=typing.get_args(tp)[0], **kw)
+        else:
+            parser.add_argument(flag, type=tp, **kw)
+
+
+def _check_value(name: str, value: Any, tp: Any) -> Any:
+    if value is None:
+        return None
+    base = _base_type(tp)
+    origin = typing.get_origin(base)
+    if origin in (dict, Dict):
+        if not isinstance(value, dict):
+            raise ConfigError(f'{name}: expected a mapping, got {value!r}')
+        return dict(value)
+    if origin in (list, List):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f'{name}: expected a list, got {value!r}')
+        item = typing.get_args(base)[0]
+        return [_check_value(name, v, item) for v in value]
+    if base is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f'{name}: expected true or false, got {value!r}')
+        return value
+    if base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if base is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if base is str and isinstance(value, str):
+        return value
+    if base in (int, float, str):
+        raise ConfigError(f'{name}: expected {base.__name__}, got {value!r}')
+    return value
+
+
+def from_dict(cls: Type[T], data: Dict[str, Any], source: str = 'config') -> T:
+    """Build ``cls`` from a mapping, rejecting unknown keys and wrongly typed values."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise ConfigError(f'{source}: unknown keys: {", ".join(unknown)}')
+    values = {}
+    for key, value in data.items():
+        values[key] = _check_value(f'{source}: {key}', value, hints[key])
+        choices = names[key].metadata.get('choices')
+        if choices and values[key] is not None and values[key] not in choices:
+            raise ConfigError(f'{source}: {key} must be one of {", ".join(map(str, choices))}, got {value!r}')
+    return cls(**values)
+
+
+def load_yaml(path: str) -> Dict[str, Any]:
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except OSError as e:
+        raise ConfigError(f'cannot read config {path}: {e.strerror}') from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f'{path}: not valid YAML: {str(e).splitlines()[0]}') from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f'{path}: expected a mapping of config keys')
+    return data
+
+
+def resolve(cls: Type[T], args: argparse.Namespace, config_path: Optional[str] = None) -> T:
+    """Defaults < YAML file < flags that were given."""
+    merged = dataclasses.asdict(cls())
+    if config_path:
+        data = load_yaml(config_path)
+        from_file = from_dict(cls, data, source=config_path)
+        merged.update({k: getattr(from_file, k) for k in data})
+    hints = typing.get_type_hints(cls)
+    flags = {}
+    for f in dataclasses.fields(cls):
+        value = getattr(args, f.name, None)
+        if value is not None:
+            is_dict = typing.get_origin(_base_type(hints[f.name])) in (dict, Dict)
+            flags[f.name] = parse_kv(value) if is_dict else value
+    from_flags = from_dict(cls, flags, source='command line')
+    merged.update({k: getattr(from_flags, k) for k in flags})
+    return cls(**merged)
+
+
+def to_dict(cfg: Any) -> Dict[str, Any]:
+    return dataclasses.asdict(cfg)
