@@ -317,7 +317,8 @@ class _Run:
             self.global_step += 1
             self.sched.step_update(self.global_step)
             bar.update(1)
-            if self.global_step % cfg.log_every == 0 or self.step_in_epoch == self.steps_per_epoch:
+            if (self.global_step % cfg.log_every == 0 or self.step_in_epoch == self.steps_per_epoch
+                    or self._reached_max_steps()):
                 rec = dict(kind='step', epoch=self.epoch, step=self.global_step, loss=loss.item(), ce=ce.item(),
                            penalty=pen.item(), gflops=gflops.item(), target=self.target,
                            lr=self.opt_w.param_groups[0]['lr'], arch_lr=self.opt_a.param_groups[0]['lr'])
