@@ -191,3 +191,15 @@ def test_ddp_two_cpu_processes_stay_identical(image_folder, tmp_path):
     # only rank 0 wrote the run's files
     assert (out / 'search-final.pth').exists()
     assert sum(1 for line in open(out / 'log.jsonl')) >= 1
+
+
+@pytest.mark.parametrize('name', ['tiny', 'small', 'base'])
+def test_shipped_configs_load_with_paper_penalty(name):
+    from spvit.config import from_dict, load_yaml
+    from spvit.search import SearchConfig, penalty
+    cfg = from_dict(SearchConfig, load_yaml(os.path.join(REPO, 'configs', f'deit_{name}_search.yaml')))
+    paper_lambda = {'tiny': 20, 'small': 3, 'base': 0.08}[name]
+    f = torch.tensor(cfg.target_gflops * 1.3)
+    relative = cfg.loss_lambda * penalty(f, cfg.target_gflops, 'relative')
+    assert relative.item() == pytest.approx(paper_lambda * penalty(f, cfg.target_gflops, 'absolute').item(), rel=1e-5)
+    assert cfg.model == f'deit_{name}_patch16_224' and cfg.pretrained

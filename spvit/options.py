@@ -1,0 +1,61 @@
+"""Options shared by the tools that build models, read images and train (search, fine-tune, eval).
+
+Each tool's config is a dataclass made of these groups plus its own fields; every field is a YAML
+key and a flag of the same name.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional
+
+from .config import field
+
+
+@dataclass
+class ModelOptions:
+    model: str = field('deit_tiny_patch16_224', 'timm model name')
+    model_kwargs: Dict[str, Any] = field({}, 'extra timm.create_model arguments (KEY=VALUE ...)')
+    pretrained: bool = field(False, "start from timm's pretrained weights (needs internet)")
+    checkpoint: Optional[str] = field(None, 'start from these weights (.pth/.pt/.safetensors)')
+    num_classes: Optional[int] = field(None, 'classifier size (default: number of classes in the data)')
+
+
+@dataclass
+class DataOptions:
+    data_dir: Optional[str] = field(None, 'ImageNet-layout folder with train/ and val/')
+    subset_classes: Optional[int] = field(None, 'use the first N classes in sorted order')
+    class_list: Optional[str] = field(None, 'file with one class folder name per line')
+    samples_per_class: Optional[int] = field(None, 'cap each class at its first N images')
+    img_size: Optional[int] = field(None, 'input size (default: the model\'s)')
+    crop_pct: Optional[float] = field(None, 'eval center-crop fraction')
+    interpolation: Optional[str] = field(None, 'resize interpolation (bicubic, bilinear, ...)')
+    mean: Optional[List[float]] = field(None, 'normalisation mean (3 values)')
+    std: Optional[List[float]] = field(None, 'normalisation std (3 values)')
+    auto_augment: Optional[str] = field('rand-m9-mstd0.5-inc1', 'RandAugment policy ("" to disable)')
+    color_jitter: float = field(0.3, 'color jitter strength')
+    reprob: float = field(0.25, 'random erasing probability')
+    mixup: float = field(0.8, 'mixup alpha (0 disables)')
+    cutmix: float = field(1.0, 'cutmix alpha (0 disables)')
+    smoothing: float = field(0.1, 'label smoothing')
+
+
+@dataclass
+class TrainOptions:
+    lr: float = field(5e-5, 'weight learning rate for a global batch of 512 (scaled linearly)')
+    weight_decay: float = field(0.05, 'weight decay of the network weights')
+    min_lr: float = field(1e-6, 'cosine schedule floor')
+    warmup_epochs: int = field(0, 'linear warm-up epochs')
+    warmup_lr: float = field(1e-6, 'warm-up start learning rate')
+    clip_grad: Optional[float] = field(None, 'clip the weights\' gradient norm to this')
+    epochs: int = field(10, 'training epochs')
+    batch_size: int = field(64, 'batch size per process')
+    workers: int = field(4, 'data loader workers')
+    seed: int = field(0, 'random seed')
+    amp: bool = field(False, 'mixed precision: bf16 on CPU, fp16 on CUDA')
+    device: Optional[str] = field(None, 'cpu, cuda or cuda:N (default: cuda if available)')
+    output_dir: Optional[str] = field(None, 'where the run writes its files')
+    resume: Optional[str] = field(None, 'continue from this checkpoint-last.pth')
+    max_steps: Optional[int] = field(None, 'stop after this many steps in total (smoke runs)')
+    ckpt_every: int = field(0, 'also write checkpoint-last.pth every N steps (0: each epoch only)')
+    log_every: int = field(10, 'steps between log.jsonl records')
+    eval_batch_size: Optional[int] = field(None, 'eval batch size (default: 2 x batch size)')
