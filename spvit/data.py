@@ -6,7 +6,7 @@ class-to-index mapping. Every tool that reads images goes through here.
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import torch
 from timm.data import ImageDataset, Mixup, create_transform, resolve_data_config

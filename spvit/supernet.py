@@ -6,7 +6,7 @@ adapter in ``ADAPTERS`` that knows where its blocks are and what their FLOPs dep
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Type
 
 import torch
 import torch.nn as nn

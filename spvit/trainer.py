@@ -1,0 +1,289 @@
+"""The training loop that search and fine-tuning share.
+
+A ``Trainer`` builds and checks everything before it writes a file, then runs epochs of steps
+with tqdm bars, a jsonl log, atomic resumable checkpoints (exact to the step with workers=0),
+SIGINT/SIGTERM handling, a non-finite-loss stop, AMP and torchrun/DDP. Subclasses say what model
+they train, what the loss is, which optimisers step and what files the run leaves behind.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from typing import Any, Dict, Optional, Tuple, Type, TypeVar
+
+import torch
+import torch.nn as nn
+import yaml
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.scheduler import create_scheduler_v2
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from . import data as D
+from .checkpoint import atomic_save
+from .config import ConfigError, to_dict
+from .runtime import (Interrupted, JsonlLog, StopSignal, TrainingError, evaluate, grad_scaler,
+                      resolve_device, rng_state, seed_everything, set_rng_state, setup_distributed)
+
+LAST = 'checkpoint-last.pth'
+C = TypeVar('C')
+
+
+def check_fresh_output_dir(path: str, run_files: Tuple[str, ...], tool: str) -> None:
+    """Refuse to start a new run where one already left its files."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(f'--output-dir {path} exists and is not a directory')
+    if os.path.isdir(path):
+        present = [f for f in run_files if os.path.exists(os.path.join(path, f))]
+        if present:
+            raise ConfigError(f'{path} already holds a {tool} run ({", ".join(present)}); use --resume '
+                              f'{os.path.join(path, LAST)} or another --output-dir')
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise ConfigError(f'parent of --output-dir does not exist: {parent}')
+
+
+def resume_config(cls: Type[C], cfg: C, state: Dict[str, Any]) -> C:
+    """The saved run's config; only where it runs and how far may change on resume."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    saved = cls(**{k: v for k, v in state['config'].items() if k in names})
+    return dataclasses.replace(saved, resume=cfg.resume, output_dir=cfg.output_dir or os.path.dirname(cfg.resume),
+                               data_dir=cfg.data_dir or saved.data_dir, device=cfg.device, workers=cfg.workers,
+                               max_steps=cfg.max_steps)
+
+
+def lr_for_batch(lr: float, batch_size: int, world_size: int) -> float:
+    """DeiT's linear scaling: ``lr`` is for a global batch of 512."""
+    return lr * batch_size * world_size / 512
+
+
+class Trainer:
+    tool = 'train'
+    state_format = 'spvit-train-state'
+    run_files: Tuple[str, ...] = (LAST, 'log.jsonl', 'config.yaml')
+
+    def __init__(self, cfg: Any, state: Optional[Dict[str, Any]] = None) -> None:
+        self.cfg = cfg
+        self.dist = setup_distributed(cfg.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+        self.device = resolve_device(cfg.device, self.dist)
+        for key in ('data_dir', 'output_dir'):
+            if not getattr(cfg, key):
+                raise ConfigError(f'no --{key.replace("_", "-")} given')
+        if cfg.batch_size < 1 or cfg.epochs < 1:
+            raise ConfigError('--batch-size and --epochs must be at least 1')
+        if state is None:
+            check_fresh_output_dir(cfg.output_dir, self.run_files, self.tool)
+        self.resuming = state is not None
+        self.classes = D.select_classes(cfg.data_dir, cfg.subset_classes, cfg.class_list)
+        self.num_classes = cfg.num_classes or len(self.classes)
+        seed_everything(cfg.seed)
+        self.model, self.data_config = self.build_model()
+
+        d = self.dist
+        self.train_set = D.image_folder(os.path.join(cfg.data_dir, 'train'), self.classes, cfg.samples_per_class,
+                                        D.train_transform(self.data_config, cfg.auto_augment, cfg.color_jitter, cfg.reprob))
+        self.val_set = D.image_folder(os.path.join(cfg.data_dir, 'val'), self.classes, None,
+                                      D.eval_transform(self.data_config))
+        self.sampler = D.ResumableSampler(self.train_set, d.world_size, d.rank, cfg.seed)
+        self.steps_per_epoch = len(self.sampler) // cfg.batch_size
+        if self.steps_per_epoch < 1:
+            raise ConfigError(f'{len(self.sampler)} training images per process is less than one batch of {cfg.batch_size}')
+        self.total_steps = cfg.epochs * self.steps_per_epoch
+        self.mixup = D.mixup(cfg.mixup, cfg.cutmix, cfg.smoothing, self.num_classes)
+        if self.mixup is not None:
+            if cfg.batch_size % 2:
+                raise ConfigError('mixup/cutmix need an even --batch-size')
+            self.criterion: nn.Module = SoftTargetCrossEntropy()
+        elif cfg.smoothing > 0:
+            self.criterion = LabelSmoothingCrossEntropy(cfg.smoothing)
+        else:
+            self.criterion = nn.CrossEntropyLoss()
+
+        self.model.to(self.device)
+        self.lr = lr_for_batch(cfg.lr, cfg.batch_size, d.world_size)
+        self.optimizers = self.build_optimizers()
+        self.sched, _ = create_scheduler_v2(self.optimizers['weights'], sched='cosine', num_epochs=cfg.epochs,
+                                            min_lr=cfg.min_lr, warmup_epochs=cfg.warmup_epochs,
+                                            warmup_lr=cfg.warmup_lr, step_on_epochs=False,
+                                            updates_per_epoch=self.steps_per_epoch)
+        self.scaler = grad_scaler(self.device, cfg.amp)
+        self.net: nn.Module = self.model
+        if d.enabled:
+            self.net = DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == 'cuda' else None)
+        self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
+        if state is not None:
+            self._load_state(state)
+        self.out = cfg.output_dir
+        self.log = JsonlLog(os.path.join(self.out, 'log.jsonl'), d.main)
+
+    # --- what subclasses provide ---
+
+    def build_model(self) -> Tuple[nn.Module, Dict[str, Any]]:
+        """The module to train (on CPU) and its data config."""
+        raise NotImplementedError
+
+    def build_optimizers(self) -> Dict[str, torch.optim.Optimizer]:
+        """Named optimisers; 'weights' gets the cosine schedule."""
+        raise NotImplementedError
+
+    def compute_loss(self, x: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, float]]:
+        """Total loss and the parts to log (floats)."""
+        raise NotImplementedError
+
+    def model_state(self) -> Dict[str, Any]:
+        raise NotImplementedError
+
+    def load_model_state(self, state: Dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def before_optimizer_step(self) -> None:
+        """Called after backward (and gradient clipping), before the optimisers step."""
+
+    def after_optimizer_step(self) -> None:
+        """Called after every optimiser step."""
+
+    def end_epoch(self, metrics: Dict[str, float]) -> Dict[str, Any]:
+        """Epoch-end work after evaluation; returns extra fields for the epoch log record."""
+        return {}
+
+    def evaluate(self, loader) -> Dict[str, float]:
+        return evaluate(self.model, loader, self.device, self.dist, self.cfg.amp)
+
+    def finish(self) -> None:
+        """Write the run's final files."""
+
+    def banner(self) -> str:
+        return ''
+
+    def resolved_config(self) -> Dict[str, Any]:
+        return {**to_dict(self.cfg), 'resume': None}
+
+    # --- state ---
+
+    def _state(self) -> Dict[str, Any]:
+        return {
+            'format': self.state_format, 'version': 1, **self.model_state(),
+            'optimizers': {k: o.state_dict() for k, o in self.optimizers.items()},
+            'sched': self.sched.state_dict(), 'scaler': self.scaler.state_dict() if self.scaler else None,
+            'epoch': self.epoch, 'step_in_epoch': self.step_in_epoch, 'global_step': self.global_step,
+            'rng': rng_state(), 'config': self.resolved_config(), 'classes': list(self.classes),
+            'data_config': self.data_config,
+        }
+
+    def _load_state(self, state: Dict[str, Any]) -> None:
+        if list(state['classes']) != list(self.classes):
+            raise ConfigError('the resumed run was made on other classes than --data-dir now gives')
+        self.load_model_state(state)
+        for k, opt in self.optimizers.items():
+            opt.load_state_dict(state['optimizers'][k])
+        self.sched.load_state_dict(state['sched'])
+        if self.scaler is not None and state.get('scaler'):
+            self.scaler.load_state_dict(state['scaler'])
+        self.epoch, self.step_in_epoch, self.global_step = state['epoch'], state['step_in_epoch'], state['global_step']
+        set_rng_state(state['rng'])
+
+    def save_last(self) -> None:
+        if self.dist.main:
+            atomic_save(self._state(), os.path.join(self.out, LAST))
+
+    def write_text(self, name: str, text: str) -> None:
+        if self.dist.main:
+            path = os.path.join(self.out, name)
+            with open(path + '.tmp', 'w') as f:
+                f.write(text)
+            os.replace(path + '.tmp', path)
+
+    # --- loop ---
+
+    def run(self) -> nn.Module:
+        cfg, d = self.cfg, self.dist
+        if d.main:
+            os.makedirs(self.out, exist_ok=True)
+            self.write_text('config.yaml', yaml.safe_dump(self.resolved_config(), sort_keys=False))
+            print(f'{self.tool}: {cfg.model}, {len(self.classes)} classes, {len(self.train_set)} train / '
+                  f'{len(self.val_set)} val images, {self.steps_per_epoch} steps/epoch x {cfg.epochs} epochs; '
+                  f'lr {self.lr:.3g}{self.banner()}', file=sys.stderr)
+        eval_loader = D.eval_loader(self.val_set, cfg.eval_batch_size or 2 * cfg.batch_size, cfg.workers,
+                                    d.world_size, d.rank)
+        with StopSignal() as stop:
+            while self.epoch < cfg.epochs and not self.reached_max_steps():
+                self._train_epoch(stop)
+                if self.step_in_epoch >= self.steps_per_epoch:     # the epoch ran to its end
+                    self._end_epoch(eval_loader)
+        self.save_last()
+        self.finish()
+        return self.model
+
+    def reached_max_steps(self) -> bool:
+        return self.cfg.max_steps is not None and self.global_step >= self.cfg.max_steps
+
+    def _train_epoch(self, stop: StopSignal) -> None:
+        cfg, d = self.cfg, self.dist
+        self.sampler.set_epoch(self.epoch, self.step_in_epoch * cfg.batch_size)
+        loader = D.train_loader(self.train_set, cfg.batch_size, cfg.workers, self.sampler, cfg.seed + self.epoch)
+        self.net.train()
+        bar = tqdm(total=self.steps_per_epoch, initial=self.step_in_epoch, desc=f'{self.tool} {self.epoch + 1}/{cfg.epochs}',
+                   disable=not d.main, dynamic_ncols=True)
+        try:
+            for x, y in loader:
+                x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+                if self.mixup is not None:
+                    x, y = self.mixup(x, y)
+                loss, parts = self.compute_loss(x, y)
+                flags = torch.tensor([float(stop.code), float(not torch.isfinite(loss))], device=self.device)
+                if d.enabled:
+                    torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+                if flags[1] > 0:
+                    raise TrainingError(f'non-finite loss at epoch {self.epoch + 1}, step {self.global_step + 1}; '
+                                        f'the last good state is {os.path.join(self.out, LAST)}')
+                self._step(loss)
+                self.step_in_epoch += 1
+                self.global_step += 1
+                self.sched.step_update(self.global_step)
+                bar.update(1)
+                if (self.global_step % cfg.log_every == 0 or self.step_in_epoch == self.steps_per_epoch
+                        or self.reached_max_steps()):
+                    rec = {'loss': loss.item(), **parts}
+                    bar.set_postfix({k: f'{v:.4g}' for k, v in rec.items()})
+                    lrs = {('lr' if k == 'weights' else f'{k}_lr'): o.param_groups[0]['lr'] for k, o in self.optimizers.items()}
+                    self.log.write(kind='step', epoch=self.epoch, step=self.global_step, **rec, **lrs)
+                if flags[0] > 0:
+                    self.save_last()
+                    raise Interrupted(int(flags[0].item()))
+                if cfg.ckpt_every and self.global_step % cfg.ckpt_every == 0:
+                    self.save_last()
+                if self.reached_max_steps():
+                    break
+        finally:
+            bar.close()
+
+    def _step(self, loss: torch.Tensor) -> None:
+        opts = list(self.optimizers.values())
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizers['weights'])
+        else:
+            loss.backward()
+        if self.cfg.clip_grad:
+            params = [p for g in self.optimizers['weights'].param_groups for p in g['params']]
+            torch.nn.utils.clip_grad_norm_(params, self.cfg.clip_grad)
+        self.before_optimizer_step()
+        for opt in opts:
+            if self.scaler is not None:
+                self.scaler.step(opt)
+            else:
+                opt.step()
+            opt.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.update()
+        self.after_optimizer_step()
+
+    def _end_epoch(self, eval_loader) -> None:
+        metrics = self.evaluate(eval_loader)
+        extra = self.end_epoch(metrics)
+        self.log.write(kind='epoch', epoch=self.epoch, step=self.global_step, val_top1=metrics['top1'],
+                       val_top5=metrics['top5'], val_loss=metrics['loss'], **extra)
+        self.epoch += 1
+        self.step_in_epoch = 0
+        self.save_last()
