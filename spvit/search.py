@@ -169,7 +169,7 @@ class SearchTrainer(Trainer):
         finally:
             self.supernet.unpin()
 
-    def end_epoch(self, metrics: Dict[str, float]) -> Dict[str, Any]:
+    def end_epoch(self, metrics: Dict[str, float], eval_loader) -> Dict[str, Any]:
         arch = self.supernet.architecture()
         if self.dist.main:
             tqdm.write(arch_table(self.supernet, arch) + f'\nval top-1 {metrics["top1"]:.2f}%  top-5 {metrics["top5"]:.2f}%',

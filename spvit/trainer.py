@@ -30,7 +30,7 @@ LAST = 'checkpoint-last.pth'
 C = TypeVar('C')
 
 
-def check_fresh_output_dir(path: str, run_files: Tuple[str, ...], tool: str) -> None:
+def check_fresh_output_dir(path: str, run_files: Tuple[str, ...], tool: str, last: str = LAST) -> None:
     """Refuse to start a new run where one already left its files."""
     if os.path.exists(path) and not os.path.isdir(path):
         raise ConfigError(f'--output-dir {path} exists and is not a directory')
@@ -38,7 +38,7 @@ def check_fresh_output_dir(path: str, run_files: Tuple[str, ...], tool: str) -> 
         present = [f for f in run_files if os.path.exists(os.path.join(path, f))]
         if present:
             raise ConfigError(f'{path} already holds a {tool} run ({", ".join(present)}); use --resume '
-                              f'{os.path.join(path, LAST)} or another --output-dir')
+                              f'{os.path.join(path, last)} or another --output-dir')
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
         raise ConfigError(f'parent of --output-dir does not exist: {parent}')
@@ -61,6 +61,7 @@ def lr_for_batch(lr: float, batch_size: int, world_size: int) -> float:
 class Trainer:
     tool = 'train'
     state_format = 'spvit-train-state'
+    last_name = LAST
     run_files: Tuple[str, ...] = (LAST, 'log.jsonl', 'config.yaml')
 
     def __init__(self, cfg: Any, state: Optional[Dict[str, Any]] = None) -> None:
@@ -73,7 +74,7 @@ class Trainer:
         if cfg.batch_size < 1 or cfg.epochs < 1:
             raise ConfigError('--batch-size and --epochs must be at least 1')
         if state is None:
-            check_fresh_output_dir(cfg.output_dir, self.run_files, self.tool)
+            check_fresh_output_dir(cfg.output_dir, self.run_files, self.tool, self.last_name)
         self.resuming = state is not None
         self.classes = D.select_classes(cfg.data_dir, cfg.subset_classes, cfg.class_list)
         self.num_classes = cfg.num_classes or len(self.classes)
@@ -111,6 +112,7 @@ class Trainer:
         self.net: nn.Module = self.model
         if d.enabled:
             self.net = DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == 'cuda' else None)
+        self.after_setup()
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         if state is not None:
             self._load_state(state)
@@ -137,13 +139,16 @@ class Trainer:
     def load_model_state(self, state: Dict[str, Any]) -> None:
         raise NotImplementedError
 
+    def after_setup(self) -> None:
+        """Called once the model is on its device and wrapped for DDP (``self.net``)."""
+
     def before_optimizer_step(self) -> None:
         """Called after backward (and gradient clipping), before the optimisers step."""
 
     def after_optimizer_step(self) -> None:
         """Called after every optimiser step."""
 
-    def end_epoch(self, metrics: Dict[str, float]) -> Dict[str, Any]:
+    def end_epoch(self, metrics: Dict[str, float], eval_loader) -> Dict[str, Any]:
         """Epoch-end work after evaluation; returns extra fields for the epoch log record."""
         return {}
 
@@ -185,7 +190,7 @@ class Trainer:
 
     def save_last(self) -> None:
         if self.dist.main:
-            atomic_save(self._state(), os.path.join(self.out, LAST))
+            atomic_save(self._state(), os.path.join(self.out, self.last_name))
 
     def write_text(self, name: str, text: str) -> None:
         if self.dist.main:
@@ -236,7 +241,7 @@ class Trainer:
                     torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
                 if flags[1] > 0:
                     raise TrainingError(f'non-finite loss at epoch {self.epoch + 1}, step {self.global_step + 1}; '
-                                        f'the last good state is {os.path.join(self.out, LAST)}')
+                                        f'the last good state is {os.path.join(self.out, self.last_name)}')
                 self._step(loss)
                 self.step_in_epoch += 1
                 self.global_step += 1
@@ -281,7 +286,7 @@ class Trainer:
 
     def _end_epoch(self, eval_loader) -> None:
         metrics = self.evaluate(eval_loader)
-        extra = self.end_epoch(metrics)
+        extra = self.end_epoch(metrics, eval_loader)
         self.log.write(kind='epoch', epoch=self.epoch, step=self.global_step, val_top1=metrics['top1'],
                        val_top5=metrics['top5'], val_loss=metrics['loss'], **extra)
         self.epoch += 1
