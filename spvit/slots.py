@@ -31,7 +31,7 @@ class AttentionSlot(nn.Module):
     ) -> None:
         super().__init__()
         self.num_heads = attn.num_heads
-        self.head_dim = attn.head_dim
+        self.head_dim = attn.qkv.out_features // (3 * attn.num_heads)
         self.scale = attn.scale
         self.fused_attn = attn.fused_attn
         self.grid_size = tuple(grid_size)
@@ -152,6 +152,41 @@ class AttentionSlot(nn.Module):
             z = F.conv2d(img, conv3x3_weight(kernels), None if biases is None else biases.sum(0), padding=1)
             z, w_o = self._norm_act(z.flatten(2).transpose(1, 2), self.bn3), out_w.sum(0)
         return self.proj_drop(self._prefix_zero(F.linear(z, w_o, self.proj.bias)))
+
+
+class WindowAttentionSlot(AttentionSlot):
+    """The same four ops on the windows of a Swin block.
+
+    The block rolls (shifted blocks) and partitions the feature map before calling its attention,
+    so this slot sees (windows * B, w*w, C) and runs the conv ops on each window as a tiny image
+    with zero padding at the window border; MSA keeps the relative position bias and the shift
+    mask. There are no prefix tokens.
+    """
+
+    def __init__(self, attn: nn.Module, theta0: float = 1.5, alpha: float = 0.01) -> None:
+        super().__init__(attn, attn.window_size, 0, theta0=theta0, alpha=alpha)
+        self.window_area = attn.window_area
+        self.relative_position_bias_table = attn.relative_position_bias_table
+        self.register_buffer('relative_position_index', attn.relative_position_index, persistent=False)
+
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return super().forward(x, attn_mask=mask)
+
+    def _attend(self, q, k, v, mask, is_causal) -> torch.Tensor:
+        from timm.models.swin_transformer import WindowAttention
+        B_, heads, N, _ = q.shape
+        bias = WindowAttention._get_rel_pos_bias(self)                    # (1, heads, N, N)
+        if mask is not None:
+            num_win = mask.shape[0]
+            mask = mask.view(1, num_win, 1, N, N).expand(B_ // num_win, -1, heads, -1, -1)
+            bias = bias + mask.reshape(-1, heads, N, N)
+        if self.fused_attn:
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
+                                               dropout_p=self.attn_drop.p if self.training else 0.)
+        else:
+            attn = (q * self.scale) @ k.transpose(-2, -1) + bias
+            x = self.attn_drop(attn.softmax(dim=-1)) @ v
+        return x.transpose(1, 2).reshape(B_, N, -1)
 
 
 class MlpSlot(nn.Module):

@@ -15,7 +15,7 @@ from .arch import ATTN_OPS, Architecture, BlockArch
 from .errors import ArchitectureError, UnsupportedModelError
 from .flops import BlockDims, arch_flops, gated_block_flops, measure_flops, msa_block_flops
 from .gates import deterministic_gates, penalty_attention_gates
-from .slots import AttentionSlot, MlpSlot
+from .slots import AttentionSlot, MlpSlot, WindowAttentionSlot
 
 
 class VitAdapter:
@@ -29,7 +29,6 @@ class VitAdapter:
         return VisionTransformer
 
     def check(self, model: nn.Module) -> None:
-        from timm.layers import Mlp
         from timm.models.vision_transformer import Attention, Block
         if getattr(model, 'dynamic_img_size', False):
             raise UnsupportedModelError('dynamic_img_size=True is not supported: the conv ops need a fixed patch grid')
@@ -48,8 +47,7 @@ class VitAdapter:
                 raise UnsupportedModelError(f'{where}: scale_attn_norm and gated attention are not supported')
             if attn.num_heads * attn.head_dim != model.embed_dim:
                 raise UnsupportedModelError(f'{where}: attention width differs from embed_dim')
-            if type(mlp) is not Mlp or not isinstance(mlp.fc1, nn.Linear) or not isinstance(mlp.norm, nn.Identity):
-                raise UnsupportedModelError(f'{where}: MLP {type(mlp).__name__} is not supported, only timm Mlp without norm')
+            _check_mlp(mlp, where)
 
     @staticmethod
     def blocks(model: nn.Module) -> List[nn.Module]:
@@ -73,8 +71,61 @@ class VitAdapter:
             blk.mlp = MlpSlot(blk.mlp, theta0=theta0)
 
 
+def _check_mlp(mlp: nn.Module, where: str) -> None:
+    from timm.layers import Mlp
+    if type(mlp) is not Mlp or not isinstance(mlp.fc1, nn.Linear) or not isinstance(mlp.norm, nn.Identity):
+        raise UnsupportedModelError(f'{where}: MLP {type(mlp).__name__} is not supported, only timm Mlp without norm')
+
+
+class SwinAdapter:
+    """timm ``SwinTransformer`` (any window size, depths and img size the windows tile exactly)."""
+    supported = 'timm SwinTransformer models (window attention, shifted windows)'
+
+    @staticmethod
+    def model_class() -> Type[nn.Module]:
+        from timm.models.swin_transformer import SwinTransformer
+        return SwinTransformer
+
+    def check(self, model: nn.Module) -> None:
+        from timm.models.swin_transformer import SwinTransformerBlock, WindowAttention
+        for i, blk in enumerate(self.blocks(model)):
+            where = f'block {i}'
+            if type(blk) is not SwinTransformerBlock or type(blk.attn) is not WindowAttention:
+                raise UnsupportedModelError(f'{where} is a {type(blk).__name__}, only timm SwinTransformerBlock is supported')
+            if blk.attn.qkv.out_features != 3 * blk.attn.qkv.in_features:
+                raise UnsupportedModelError(f'{where}: attention width differs from the block width')
+            (h, w), (wh, ww) = blk.input_resolution, blk.window_size
+            if h % wh or w % ww:
+                raise UnsupportedModelError(f'{where}: a {h}x{w} feature map is not tiled by {wh}x{ww} windows')
+            if getattr(blk, 'dynamic_mask', False):
+                raise UnsupportedModelError(f'{where}: dynamic_mask is not supported (a fixed input size is)')
+            _check_mlp(blk.mlp, where)
+
+    @staticmethod
+    def blocks(model: nn.Module) -> List[nn.Module]:
+        return [blk for stage in model.layers for blk in stage.blocks]
+
+    @staticmethod
+    def input_size(model: nn.Module) -> Tuple[int, int, int]:
+        pe = model.patch_embed
+        return (pe.proj.in_channels, *pe.img_size)
+
+    def block_dims(self, model: nn.Module) -> List[BlockDims]:
+        dims = []
+        for blk in self.blocks(model):
+            (h, w), (wh, ww) = blk.input_resolution, blk.window_size
+            dims.append(BlockDims(tokens=wh * ww, patches=wh * ww, dim=blk.attn.qkv.in_features, heads=blk.attn.num_heads,
+                                  hidden=blk.mlp.fc1.out_features, windows=(h // wh) * (w // ww)))
+        return dims
+
+    def attach(self, model: nn.Module, theta0: float, alpha: float) -> None:
+        for blk in self.blocks(model):
+            blk.attn = WindowAttentionSlot(blk.attn, theta0=theta0, alpha=alpha)
+            blk.mlp = MlpSlot(blk.mlp, theta0=theta0)
+
+
 # Registry: model class -> adapter. Subclasses (e.g. VisionTransformerDistilled) match their base.
-ADAPTERS: List[Any] = [VitAdapter()]
+ADAPTERS: List[Any] = [VitAdapter(), SwinAdapter()]
 
 
 def find_adapter(model: nn.Module):
