@@ -193,13 +193,19 @@ def test_ddp_two_cpu_processes_stay_identical(image_folder, tmp_path):
     assert sum(1 for line in open(out / 'log.jsonl')) >= 1
 
 
-@pytest.mark.parametrize('name', ['tiny', 'small', 'base'])
-def test_shipped_configs_load_with_paper_penalty(name):
+PAPER = {('deit', 'tiny'): (20, 1.0), ('deit', 'small'): (3, 3.2), ('deit', 'base'): (0.08, 6.0),
+         ('swin', 'tiny'): (2.8, 3.2), ('swin', 'small'): (0.4, 5.5), ('swin', 'base'): (0.1, 10.0)}
+
+
+@pytest.mark.parametrize('family,size', sorted(PAPER))
+def test_shipped_configs_load_with_paper_penalty(family, size):
+    import timm
     from spvit.config import from_dict, load_yaml
     from spvit.search import SearchConfig, penalty
-    cfg = from_dict(SearchConfig, load_yaml(os.path.join(REPO, 'configs', f'deit_{name}_search.yaml')))
-    paper_lambda = {'tiny': 20, 'small': 3, 'base': 0.08}[name]
+    cfg = from_dict(SearchConfig, load_yaml(os.path.join(REPO, 'configs', f'{family}_{size}_search.yaml')))
+    paper_lambda, target = PAPER[family, size]
+    assert cfg.target_gflops == target and cfg.pretrained and timm.is_model(cfg.model) and size in cfg.model
     f = torch.tensor(cfg.target_gflops * 1.3)
     relative = cfg.loss_lambda * penalty(f, cfg.target_gflops, 'relative')
     assert relative.item() == pytest.approx(paper_lambda * penalty(f, cfg.target_gflops, 'absolute').item(), rel=1e-5)
-    assert cfg.model == f'deit_{name}_patch16_224' and cfg.pretrained
+    assert cfg.alpha == (100.0 if family == 'swin' else 0.01)
