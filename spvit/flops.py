@@ -2,13 +2,19 @@
 method and an fvcore measurement that also counts fused attention."""
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 import torch
 import torch.nn as nn
-from fvcore.nn import FlopCountAnalysis
-from fvcore.nn.jit_handles import get_shape
+
+with warnings.catch_warnings():
+    # fvcore scripts a loss function at import and torch deprecates jit.script: noise on every
+    # tool's stderr that no user can act on.
+    warnings.filterwarnings('ignore', message='`torch.jit.script` is deprecated', category=FutureWarning)
+    from fvcore.nn import FlopCountAnalysis
+    from fvcore.nn.jit_handles import get_shape
 
 from .arch import ATTN_OPS, Architecture
 

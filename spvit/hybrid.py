@@ -103,19 +103,19 @@ def _vit_layout(model: nn.Module) -> Tuple[List[nn.Module], Tuple[int, int], int
     return list(model.blocks), tuple(model.patch_embed.grid_size), model.num_prefix_tokens
 
 
-def _layout(model: nn.Module) -> Tuple[List[nn.Module], Tuple[int, int], int]:
+def layout(model: nn.Module) -> Tuple[List[nn.Module], Tuple[int, int], int]:
     """Blocks, patch grid and number of prefix tokens of a supported timm model."""
     from timm.models.vision_transformer import VisionTransformer
     layouts = {VisionTransformer: _vit_layout}   # model family -> where its blocks are
-    for cls, layout in layouts.items():
+    for cls, family_layout in layouts.items():
         if isinstance(model, cls):
-            return layout(model)
+            return family_layout(model)
     raise UnsupportedModelError(f'{type(model).__name__} cannot be made hybrid; only timm VisionTransformer models')
 
 
 def mlp_widths(model: nn.Module) -> List[int]:
     """Each block's MLP hidden width (the full widths of an unmodified model)."""
-    return [blk.mlp.fc1.out_features for blk in _layout(model)[0]]
+    return [blk.mlp.fc1.out_features for blk in layout(model)[0]]
 
 
 def hybridize(model: nn.Module, arch: Architecture) -> nn.Module:
@@ -123,7 +123,7 @@ def hybridize(model: nn.Module, arch: Architecture) -> nn.Module:
     replaced per op, MLPs shrunk to their kept width. Weights of replaced parts are random; the
     exporter and ``load_pruned`` fill them from a state dict."""
     from timm.layers import Attention
-    blocks, grid, npt = _layout(model)
+    blocks, grid, npt = layout(model)
     arch.validate([blk.mlp.fc1.out_features for blk in blocks])
     for i, (blk, b) in enumerate(zip(blocks, arch.blocks)):
         if type(blk.attn) is not Attention:
@@ -134,4 +134,4 @@ def hybridize(model: nn.Module, arch: Architecture) -> nn.Module:
     return model
 
 
-__all__ = ['ConvAttention', 'NoAttention', 'ATTENTION_BUILDERS', 'prune_mlp', 'mlp_widths', 'hybridize']
+__all__ = ['ConvAttention', 'NoAttention', 'ATTENTION_BUILDERS', 'prune_mlp', 'mlp_widths', 'layout', 'hybridize']
