@@ -136,7 +136,8 @@ def read_pruned(path: str, device: Optional[torch.device | str] = None) -> Prune
         raise CheckpointError(f'{path}: weights do not fit the architecture: {str(e).strip().splitlines()[0]}') from None
     data_config = dict(ckpt.get('data_config') or {})
     # timm.data.resolve_model_data_config(model) then gives the recorded preprocessing.
-    model.pretrained_cfg = {**(getattr(model, 'pretrained_cfg', None) or {}), **data_config}
+    model.pretrained_cfg = {**(getattr(model, 'pretrained_cfg', None) or {}),
+                            **{k: tuple(v) if isinstance(v, list) else v for k, v in data_config.items()}}
     if device is not None:
         model.to(device)
     return PrunedModel(model.eval(), arch, ckpt.get('kept'), data_config, dict(ckpt.get('provenance') or {}))

@@ -5,6 +5,7 @@ import timm
 import torch
 
 import spvit
+from spvit.checkpoint import SEARCH_FORMAT, supernet_record
 
 
 def build(name, **kwargs):
@@ -69,3 +70,14 @@ def randomize_mixing(supernet, seed=0, std=0.02):
     for slot in supernet.attn_slots:
         slot.head_assign.data = torch.randn(slot.head_assign.shape, generator=g) * std
         slot.qkv.bias.data = torch.randn(slot.qkv.bias.shape, generator=g) * 0.1
+
+
+def search_payload(supernet, data_config=None):
+    """A search checkpoint of a supernet at the end of its search (as tools/search.py writes it)."""
+    return {'format': SEARCH_FORMAT, 'version': 1, 'supernet': supernet_record(supernet),
+            'arch': supernet.architecture().to_dict(), 'kept': supernet.kept_units(),
+            'data_config': data_config or {'input_size': [3, 32, 32], 'mean': [0.5] * 3, 'std': [0.5] * 3,
+                                           'interpolation': 'bicubic', 'crop_pct': 0.875},
+            'source': {'pretrained': True, 'checkpoint': None}, 'target_gflops': 0.01,
+            'achieved_gflops': supernet.arch_flops(supernet.architecture()) / 1e9,
+            'original_gflops': supernet.original_flops / 1e9, 'optimizer': {}}
