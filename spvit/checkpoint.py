@@ -11,11 +11,16 @@ from .errors import CheckpointError
 SEARCH_FORMAT = 'spvit-search'
 
 
-def atomic_save(obj: Any, path: str) -> None:
-    """torch.save to a temp file beside ``path``, then rename: a crash never leaves half a file."""
+def check_output_path(path: str) -> None:
+    """Fail early (before minutes of work) on an output whose directory does not exist."""
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise CheckpointError(f'output directory does not exist: {directory}')
+
+
+def atomic_save(obj: Any, path: str) -> None:
+    """torch.save to a temp file beside ``path``, then rename: a crash never leaves half a file."""
+    check_output_path(path)
     tmp = f'{path}.tmp{os.getpid()}'
     try:
         torch.save(obj, tmp)

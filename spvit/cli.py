@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Tuple
+
+import yaml
 
 from .errors import SpvitError
 
@@ -32,3 +34,38 @@ def run(main: Callable[[Optional[Sequence[str]]], Optional[int]], argv: Optional
         print(f'{prog}: interrupted; state saved, resume with --resume', file=sys.stderr)
         sys.exit(e.code)
     sys.exit(code or 0)
+
+
+def model_kwarg(text: str) -> Tuple[str, Any]:
+    """argparse type for ``--model-kwargs k=v``: the value is read as YAML (ints, floats, bools, lists)."""
+    key, sep, value = text.partition('=')
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f'expected key=value, got {text!r}')
+    try:
+        return key, yaml.safe_load(value)
+    except yaml.YAMLError:
+        raise argparse.ArgumentTypeError(f'cannot read the value of {text!r}') from None
+
+
+def add_model_kwargs(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument('--model-kwargs', nargs='+', type=model_kwarg, default=[], metavar='K=V',
+                        help='keyword arguments for timm.create_model, e.g. img_size=160 num_classes=100')
+
+
+def add_model_source(parser: argparse.ArgumentParser) -> None:
+    """--model / --arch / --pruned: what flops.py and benchmark.py study, with its model kwargs."""
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument('--model', help='an unmodified timm model (random init)')
+    group.add_argument('--arch', help='an architecture file (YAML/JSON), built with random init')
+    group.add_argument('--pruned', help='a pruned checkpoint written by tools/export.py')
+    add_model_kwargs(parser)
+    parser.add_argument('--img-size', type=int, help='input resolution (shortcut for --model-kwargs img_size=N)')
+
+
+def model_source(args: argparse.Namespace):
+    """The ``ModelPair`` that ``add_model_source``'s arguments name."""
+    from .compare import load_pair
+    kwargs = dict(args.model_kwargs)
+    if args.img_size is not None:
+        kwargs['img_size'] = args.img_size
+    return load_pair(model=args.model, arch=args.arch, pruned=args.pruned, model_kwargs=kwargs)

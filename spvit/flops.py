@@ -2,16 +2,17 @@
 method and an fvcore measurement that also counts fused attention."""
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Sequence, Tuple
-
-import warnings
 
 import torch
 import torch.nn as nn
 
-with warnings.catch_warnings():   # fvcore's import scripts a loss with the deprecated torch.jit.script
-    warnings.filterwarnings('ignore', message='`torch.jit.script', category=FutureWarning)
+with warnings.catch_warnings():
+    # fvcore scripts a loss function at import and torch deprecates jit.script: noise on every
+    # tool's stderr that no user can act on.
+    warnings.filterwarnings('ignore', message='`torch.jit.script` is deprecated', category=FutureWarning)
     from fvcore.nn import FlopCountAnalysis
     from fvcore.nn.jit_handles import get_shape
 

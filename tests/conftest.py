@@ -5,6 +5,7 @@ import timm
 import torch
 
 import spvit
+from spvit.checkpoint import SEARCH_FORMAT, supernet_record
 
 
 def build(name, **kwargs):
@@ -87,3 +88,31 @@ def random_arch(supernet, seed):
         kept.append(torch.randperm(dims.hidden, generator=g)[:width].sort().values)
     arch = spvit.Architecture(model=supernet.model_name, model_kwargs=supernet.model_kwargs, blocks=blocks)
     return arch, kept
+
+
+def set_gates(supernet, arch, kept):
+    """Gate logits whose deterministic gates select ``arch`` and ``kept`` (what a search ends with)."""
+    for b, a, m, idx in zip(arch.blocks, supernet.attn_slots, supernet.mlp_slots, kept):
+        n_open = spvit.ATTN_OPS.index(b.attn)
+        a.gate_logits.data = torch.tensor([1. if i < n_open else -1. for i in range(3)])
+        m.gate_logits.data = -torch.ones(m.hidden_features)
+        m.gate_logits.data[idx] = 1.
+
+
+def randomize_mixing(supernet, seed=0, std=0.02):
+    """Non-uniform head mixing at alpha=0.01, and value biases that exercise the conv padding."""
+    g = torch.Generator().manual_seed(seed)
+    for slot in supernet.attn_slots:
+        slot.head_assign.data = torch.randn(slot.head_assign.shape, generator=g) * std
+        slot.qkv.bias.data = torch.randn(slot.qkv.bias.shape, generator=g) * 0.1
+
+
+def search_payload(supernet, data_config=None):
+    """A search checkpoint of a supernet at the end of its search (as tools/search.py writes it)."""
+    return {'format': SEARCH_FORMAT, 'version': 1, 'supernet': supernet_record(supernet),
+            'arch': supernet.architecture().to_dict(), 'kept': supernet.kept_units(),
+            'data_config': data_config or {'input_size': [3, 32, 32], 'mean': [0.5] * 3, 'std': [0.5] * 3,
+                                           'interpolation': 'bicubic', 'crop_pct': 0.875},
+            'source': {'pretrained': True, 'checkpoint': None}, 'target_gflops': 0.01,
+            'achieved_gflops': supernet.arch_flops(supernet.architecture()) / 1e9,
+            'original_gflops': supernet.original_flops / 1e9, 'optimizer': {}}

@@ -4,11 +4,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import spvit
 from spvit.gates import attention_gates, sample_gates
 from spvit.mixing import OFFSETS
 
-from conftest import SMALL, randomize_batchnorm, random_arch, supernet_and_original
+from conftest import SMALL, randomize_batchnorm, random_arch, set_gates, supernet_and_original
 
 EQUIVALENCE_CASES = [
     ('deit_tiny_patch16_224', {}),
@@ -160,11 +159,7 @@ def test_pinned_equals_gated_eval(small_supernet, seed):
     supernet, _ = small_supernet
     randomize_batchnorm(supernet, seed)
     arch, kept = random_arch(supernet, seed)
-    for b, a, m, idx in zip(arch.blocks, supernet.attn_slots, supernet.mlp_slots, kept):
-        n_open = spvit.ATTN_OPS.index(b.attn)
-        a.gate_logits.data = torch.tensor([1. if i < n_open else -1. for i in range(3)])
-        m.gate_logits.data = -torch.ones(m.hidden_features)
-        m.gate_logits.data[idx] = 1.
+    set_gates(supernet, arch, kept)
     supernet.eval()
     assert supernet.architecture() == arch
     x = torch.randn(2, 3, 32, 32)

@@ -1,0 +1,193 @@
+"""Export: a pinned supernet becomes a plain hybrid timm model with the same eval logits.
+
+The exported model is built the way ``load_pruned`` builds it (a fresh timm model given the
+architecture's structure by ``hybridize``) and filled by a strict ``load_state_dict`` of weights
+computed from the supernet, so an export and a reload can never differ in structure.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+from torch.nn.utils.fusion import fuse_conv_bn_weights
+
+from .arch import Architecture
+from .checkpoint import SEARCH_FORMAT, load_file, supernet_from_record
+from .errors import ArchitectureError, CheckpointError
+from .hybrid import hybridize, mlp_widths
+from .mixing import CENTER, conv3x3_weight, head_mixing, mix_output, mix_value
+from .models import create_model
+from .pruned import PrunedModel, plain_data_config
+from .slots import AttentionSlot, MlpSlot
+from .supernet import SuperNet, attach_search_space
+
+Tensor = torch.Tensor
+# (kernels (9, hd, d), biases (9, hd) or None, output matrices (9, d, hd)) -> conv weight, bias, output weight
+ConvParts = Callable[[Tensor, Optional[Tensor], Tensor], Tuple[Tensor, Optional[Tensor], Tensor]]
+
+
+def _conv1x1_parts(kernels: Tensor, biases: Optional[Tensor], out_w: Tensor):
+    return kernels[CENTER][:, :, None, None], None if biases is None else biases[CENTER], out_w[CENTER]
+
+
+def _conv3x3_parts(kernels: Tensor, biases: Optional[Tensor], out_w: Tensor):
+    return conv3x3_weight(kernels), None if biases is None else biases.sum(0), out_w.sum(0)
+
+
+# conv op -> how its kernel and output matrix come from the mixed heads, and which BatchNorm follows it
+CONV_OPS: Dict[str, Tuple[ConvParts, str]] = {
+    'conv1x1': (_conv1x1_parts, 'bn1'),
+    'conv3x3': (_conv3x3_parts, 'bn3'),
+}
+
+
+def _linear_state(name: str, linear: nn.Linear) -> Dict[str, Tensor]:
+    return {f'{name}.{k}': v.detach() for k, v in linear.state_dict().items()}
+
+
+def _msa_state(slot: AttentionSlot) -> Dict[str, Tensor]:
+    return {**_linear_state('qkv', slot.qkv), **_linear_state('proj', slot.proj)}
+
+
+def _conv_state(op: str, slot: AttentionSlot) -> Dict[str, Tensor]:
+    """Conv weight/bias with the BatchNorm folded in, and the output projection, of a conv op.
+    Computed in float64 so the fold adds no rounding of its own."""
+    parts, bn_name = CONV_OPS[op]
+    bn = getattr(slot, bn_name)
+    f64 = {'dtype': torch.float64}
+    dim = slot.num_heads * slot.head_dim
+    w_v = slot.qkv.weight.detach()[2 * dim:].to(**f64)
+    b_v = None if slot.qkv.bias is None else slot.qkv.bias.detach()[2 * dim:].to(**f64)
+    mix = head_mixing(slot.head_assign.detach().to(**f64), slot.alpha)
+    kernels, biases = mix_value(w_v, b_v, mix)
+    weight, bias, out_w = parts(kernels, biases, mix_output(slot.proj.weight.detach().to(**f64), mix))
+    weight, bias = fuse_conv_bn_weights(weight, bias, bn.running_mean.to(**f64), bn.running_var.to(**f64), bn.eps,
+                                        bn.weight.detach().to(**f64), bn.bias.detach().to(**f64))
+    dtype = slot.qkv.weight.dtype
+    state = {'conv.weight': weight.detach().to(dtype), 'conv.bias': bias.detach().to(dtype), 'proj.weight': out_w.to(dtype)}
+    if slot.proj.bias is not None:
+        state['proj.bias'] = slot.proj.bias.detach()
+    return state
+
+
+# attention op -> the exported attention module's state, from the pinned slot
+ATTENTION_EXPORTERS: Dict[str, Callable[[AttentionSlot], Dict[str, Tensor]]] = {
+    'skip': lambda slot: {},
+    'conv1x1': lambda slot: _conv_state('conv1x1', slot),
+    'conv3x3': lambda slot: _conv_state('conv3x3', slot),
+    'msa': _msa_state,
+}
+
+
+def _mlp_state(slot: MlpSlot, kept: Tensor) -> Dict[str, Tensor]:
+    """fc1 rows and fc2 columns of the kept hidden units."""
+    kept = kept.to(slot.fc1.weight.device)
+    state = {'fc1.weight': slot.fc1.weight.detach()[kept], 'fc2.weight': slot.fc2.weight.detach()[:, kept]}
+    if slot.fc1.bias is not None:
+        state['fc1.bias'] = slot.fc1.bias.detach()[kept]
+    if slot.fc2.bias is not None:
+        state['fc2.bias'] = slot.fc2.bias.detach()
+    return state
+
+
+def hybrid_state_dict(supernet: SuperNet, arch: Architecture, kept: Sequence[Tensor]) -> Dict[str, Tensor]:
+    """The exported model's state dict: the supernet's own weights outside the slots, and each
+    slot's exported weights under the slot's name."""
+    names = {id(m): n for n, m in supernet.model.named_modules()}
+    slot_prefixes = tuple(names[id(s)] + '.' for pair in zip(supernet.attn_slots, supernet.mlp_slots) for s in pair)
+    state = {k: v.detach() for k, v in supernet.model.state_dict().items() if not k.startswith(slot_prefixes)}
+    for b, a, m, idx in zip(arch.blocks, supernet.attn_slots, supernet.mlp_slots, kept):
+        state.update({f'{names[id(a)]}.{k}': v for k, v in ATTENTION_EXPORTERS[b.attn](a).items()})
+        state.update({f'{names[id(m)]}.{k}': v for k, v in _mlp_state(m, idx).items()})
+    return state
+
+
+def to_hybrid(supernet: SuperNet) -> nn.Module:
+    """The pinned supernet as a plain hybrid timm model (eval mode) computing the same eval logits."""
+    if not supernet.pinned:
+        raise ArchitectureError('the supernet has no pinned architecture: call supernet.pin(...) before exporting')
+    arch, kept = supernet.architecture(), supernet.kept_units()
+    model = hybridize(create_model(supernet.model_name, supernet.model_kwargs), arch)
+    model.load_state_dict(hybrid_state_dict(supernet, arch, kept))
+    param = next(supernet.parameters())
+    return model.to(device=param.device, dtype=param.dtype).eval()
+
+
+def export_supernet(
+        supernet: SuperNet,
+        data_config: Optional[Dict[str, Any]] = None,
+        source: Optional[Dict[str, Any]] = None,
+        target_gflops: Optional[float] = None,
+        exported_from: str = 'supernet',
+) -> PrunedModel:
+    """Export a pinned supernet together with what its checkpoint records (data config, provenance)."""
+    model = to_hybrid(supernet)
+    arch = supernet.architecture()
+    provenance = {
+        'exported_from': exported_from,
+        'source': dict(source or {}),
+        'target_gflops': target_gflops,
+        'achieved_gflops': supernet.arch_flops(arch) / 1e9,
+        'original_gflops': supernet.original_flops / 1e9,
+    }
+    if data_config is None:
+        from timm.data import resolve_model_data_config
+        data_config = resolve_model_data_config(model)
+    return PrunedModel(model, arch, [k.cpu() for k in supernet.kept_units()], plain_data_config(data_config), provenance)
+
+
+def build_from_arch(
+        model_name: str,
+        model_kwargs: Optional[Dict[str, Any]],
+        arch: Architecture,
+        checkpoint: Optional[str] = None,
+) -> PrunedModel:
+    """An architecture built straight from original weights (random init without ``checkpoint``):
+    conv ops start from uniform head mixing and fresh BatchNorm, and each MLP keeps the units with
+    the largest |fc1 row| * |fc2 column|."""
+    if arch.model != model_name:
+        raise ArchitectureError(f'architecture is for model {arch.model!r}, not {model_name!r}')
+    model_kwargs = dict(model_kwargs or {})
+    model = create_model(model_name, model_kwargs, checkpoint=checkpoint)
+    arch.validate(mlp_widths(model))                 # before the (slower) attach
+    arch = Architecture(model=model_name, model_kwargs=model_kwargs, blocks=list(arch.blocks))
+    supernet = attach_search_space(model, model_name=model_name, model_kwargs=model_kwargs)
+    supernet.pin(arch)
+    return export_supernet(supernet, source={'pretrained': False, 'checkpoint': checkpoint},
+                           exported_from='architecture')
+
+
+SEARCH_KEYS = ('supernet', 'arch', 'kept')
+RECORD_KEYS = ('model_name', 'model_kwargs', 'theta0', 'alpha', 'state_dict')
+
+
+def export_search(path: str) -> PrunedModel:
+    """Export a search checkpoint (``search-final.pth``): its supernet, pinned to its architecture
+    and kept units, with its data config and provenance."""
+    ckpt = load_file(path, SEARCH_FORMAT)
+    record = ckpt.get('supernet')
+    missing = [k for k in SEARCH_KEYS if k not in ckpt]
+    missing += [f'supernet.{k}' for k in RECORD_KEYS if isinstance(record, dict) and k not in record]
+    if missing or not isinstance(record, dict):
+        raise CheckpointError(f'{path} is an incomplete search checkpoint: missing {", ".join(missing) or "supernet"}')
+    arch = Architecture.from_dict(ckpt['arch'], source=f'{path} (arch)')
+    if arch.model != record['model_name']:
+        raise CheckpointError(f'{path}: architecture is for {arch.model!r} but the supernet is {record["model_name"]!r}')
+    kept = ckpt['kept']
+    if not isinstance(kept, (list, tuple)) or not all(isinstance(k, torch.Tensor) for k in kept):
+        raise CheckpointError(f'{path}: kept units must be a list of index tensors')
+    supernet = supernet_from_record(record)
+    for i, (k, b) in enumerate(zip(kept, supernet.block_dims)):
+        if k.numel() and (int(k.min()) < 0 or int(k.max()) >= b.hidden or k.unique().numel() != k.numel()):
+            raise CheckpointError(f'{path}: block {i}: kept units are not distinct indices below {b.hidden}')
+    supernet.pin(arch, [k.long() for k in kept])
+    exported = export_supernet(supernet, data_config=ckpt.get('data_config'), source=ckpt.get('source'),
+                               target_gflops=ckpt.get('target_gflops'), exported_from='search')
+    exported.provenance['search_checkpoint'] = os.path.abspath(path)
+    return exported
+
+
+__all__ = ['CONV_OPS', 'ATTENTION_EXPORTERS', 'hybrid_state_dict', 'to_hybrid', 'export_supernet', 'build_from_arch',
+           'export_search']

@@ -1,0 +1,137 @@
+"""The exported model's plain modules, and how they replace a timm model's attention and MLPs.
+
+Nothing here imports search-time code (gates, slots, supernet, head mixing): a pruned model is a
+timm model plus these modules, so loading one needs only timm, torch and the architecture spec.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .arch import Architecture
+from .errors import UnsupportedModelError
+
+
+class ConvAttention(nn.Module):
+    """A block's attention turned into Conv2d(d -> hd, k x k) + ReLU + Linear(hd -> d) over the
+    patch grid. The conv carries the mixed kernel with its BatchNorm folded in.
+
+    Prefix tokens (class, distillation, register) have no grid position: they get a zero update,
+    as in the search. ``attn_mask``/``is_causal`` are accepted because timm's Block passes them;
+    a conv has nothing to mask.
+    """
+
+    def __init__(
+            self,
+            dim: int,
+            head_dim: int,
+            kernel_size: int,
+            grid_size: Tuple[int, int],
+            num_prefix_tokens: int,
+            proj_bias: bool = True,
+            proj_drop: float = 0.,
+            device=None,
+            dtype=None,
+    ) -> None:
+        super().__init__()
+        dd = {'device': device, 'dtype': dtype}
+        self.grid_size = tuple(grid_size)
+        self.num_prefix_tokens = num_prefix_tokens
+        self.kernel_size = kernel_size
+        self.conv = nn.Conv2d(dim, head_dim, kernel_size, padding=kernel_size // 2, **dd)
+        self.act = nn.ReLU()
+        self.proj = nn.Linear(head_dim, dim, bias=proj_bias, **dd)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def extra_repr(self) -> str:
+        return f'grid={self.grid_size}, prefix_tokens={self.num_prefix_tokens}'
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
+        B, N, C = x.shape
+        H, W = self.grid_size
+        patches = x[:, self.num_prefix_tokens:]
+        if self.kernel_size == 1:
+            # A 1x1 conv is a matmul on the tokens: no layout change at all (a free view of the weight).
+            z = F.linear(patches, self.conv.weight.flatten(1), self.conv.bias)
+        else:
+            # Tokens are (B, H*W, C), i.e. an NHWC image: the permuted view is channels-last, which
+            # the CPU/GPU conv kernels take without a transposing copy, and their output permutes back.
+            img = patches.reshape(B, H, W, C).permute(0, 3, 1, 2)
+            z = self.conv(img).permute(0, 2, 3, 1).reshape(B, H * W, -1)
+        out = self.proj_drop(self.proj(self.act(z)))
+        return F.pad(out, (0, 0, self.num_prefix_tokens, 0))
+
+
+class NoAttention(nn.Module):
+    """A skipped attention: the branch adds zero, so the block keeps only its residual (and MLP)."""
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
+        return torch.zeros_like(x)
+
+
+def _conv_builder(kernel_size: int) -> Callable[..., nn.Module]:
+    def build(attn: nn.Module, grid_size: Tuple[int, int], num_prefix_tokens: int) -> nn.Module:
+        w = attn.proj.weight
+        return ConvAttention(attn.proj.out_features, attn.head_dim, kernel_size, grid_size, num_prefix_tokens,
+                             proj_bias=attn.proj.bias is not None, proj_drop=attn.proj_drop.p,
+                             device=w.device, dtype=w.dtype)
+    return build
+
+
+# attention op -> what replaces a timm Attention (random init; weights come from a state dict).
+ATTENTION_BUILDERS: Dict[str, Callable[[nn.Module, Tuple[int, int], int], nn.Module]] = {
+    'skip': lambda attn, grid, npt: NoAttention(),
+    'conv1x1': _conv_builder(1),
+    'conv3x3': _conv_builder(3),
+    'msa': lambda attn, grid, npt: attn,
+}
+
+
+def prune_mlp(mlp: nn.Module, hidden: int) -> nn.Module:
+    """Shrink a timm ``Mlp`` to ``hidden`` units, in place (new fc1/fc2 of that width, random init)."""
+    fc1, fc2 = mlp.fc1, mlp.fc2
+    dd = {'device': fc1.weight.device, 'dtype': fc1.weight.dtype}
+    mlp.fc1 = nn.Linear(fc1.in_features, hidden, bias=fc1.bias is not None, **dd)
+    mlp.fc2 = nn.Linear(hidden, fc2.out_features, bias=fc2.bias is not None, **dd)
+    return mlp
+
+
+def _vit_layout(model: nn.Module) -> Tuple[List[nn.Module], Tuple[int, int], int]:
+    return list(model.blocks), tuple(model.patch_embed.grid_size), model.num_prefix_tokens
+
+
+def layout(model: nn.Module) -> Tuple[List[nn.Module], Tuple[int, int], int]:
+    """Blocks, patch grid and number of prefix tokens of a supported timm model."""
+    from timm.models.vision_transformer import VisionTransformer
+    layouts = {VisionTransformer: _vit_layout}   # model family -> where its blocks are
+    for cls, family_layout in layouts.items():
+        if isinstance(model, cls):
+            return family_layout(model)
+    raise UnsupportedModelError(f'{type(model).__name__} cannot be made hybrid; only timm VisionTransformer models')
+
+
+def mlp_widths(model: nn.Module) -> List[int]:
+    """Each block's MLP hidden width (the full widths of an unmodified model)."""
+    return [blk.mlp.fc1.out_features for blk in layout(model)[0]]
+
+
+def hybridize(model: nn.Module, arch: Architecture) -> nn.Module:
+    """Give an unmodified timm model the structure of ``arch``, in place: attention modules
+    replaced per op, MLPs shrunk to their kept width. Weights of replaced parts are random; the
+    exporter and ``load_pruned`` fill them from a state dict."""
+    from timm.layers import Attention
+    blocks, grid, npt = layout(model)
+    arch.validate([blk.mlp.fc1.out_features for blk in blocks])
+    for i, (blk, b) in enumerate(zip(blocks, arch.blocks)):
+        if type(blk.attn) is not Attention:
+            raise UnsupportedModelError(f'block {i}: {type(blk.attn).__name__} is not a timm Attention (already hybrid?)')
+        blk.attn = ATTENTION_BUILDERS[b.attn](blk.attn, grid, npt)
+        if b.mlp_hidden != blk.mlp.fc1.out_features:
+            prune_mlp(blk.mlp, b.mlp_hidden)
+    return model
+
+
+__all__ = ['ConvAttention', 'NoAttention', 'ATTENTION_BUILDERS', 'prune_mlp', 'mlp_widths', 'layout', 'hybridize']

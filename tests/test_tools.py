@@ -1,0 +1,136 @@
+"""tools/export.py, tools/flops.py and tools/benchmark.py as a user runs them (subprocesses)."""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import timm
+import torch
+
+import spvit
+from spvit.checkpoint import atomic_save
+from spvit.flops import measure_flops
+
+from conftest import (SMALL, randomize_batchnorm, randomize_mixing, random_arch, search_payload, set_gates,
+                      supernet_and_original)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def start(tool, *args):
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get('PYTHONPATH', ''))
+    return subprocess.Popen([sys.executable, os.path.join('tools', tool), *map(str, args)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def tool(name, *args):
+    proc = start(name, *args)
+    out, err = proc.communicate()
+    assert proc.returncode == 0, err
+    return out
+
+
+@pytest.fixture(scope='module')
+def files(tmp_path_factory):
+    """A search checkpoint of the small ViT with all four ops, its exported pruned file, and an
+    architecture file."""
+    tmp = tmp_path_factory.mktemp('tools')
+    supernet, _ = supernet_and_original('vit_tiny_patch16_224', **SMALL)
+    randomize_batchnorm(supernet, 7)
+    randomize_mixing(supernet, 7)
+    arch, kept = random_arch(supernet, 7)
+    set_gates(supernet, arch, kept)
+    search = tmp / 'search-final.pth'
+    atomic_save(search_payload(supernet), str(search))
+    arch_file = tmp / 'arch.yaml'
+    arch.save(str(arch_file))
+    out = tmp / 'run'
+    out.mkdir()
+    pruned = out / 'pruned.pth'
+    stdout = tool('export.py', '--search', search, '--output', pruned, '--safetensors')
+    assert f'wrote {pruned}' in stdout
+    return dict(tmp=tmp, supernet=supernet.eval(), arch=arch, search=search, arch_file=arch_file, pruned=pruned)
+
+
+def test_export_from_search(files):
+    model = spvit.load_pruned(str(files['pruned']))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert (model(x) - files['supernet'](x)).abs().max().item() <= 1e-4
+        safetensors = spvit.load_pruned(str(files['pruned'].parent / 'model.safetensors'))
+        assert torch.equal(safetensors(x), model(x))
+    assert spvit.Architecture.load(str(files['pruned'].parent / 'arch.yaml')) == files['arch']
+
+
+def test_flops_json(files):
+    report = json.loads(tool('flops.py', '--pruned', files['pruned'], '--compare', '--json'))
+    model = spvit.load_pruned(str(files['pruned']))
+    measured, by_module = measure_flops(model, (3, 32, 32))
+    original = timm.create_model('vit_tiny_patch16_224', **SMALL)
+    assert report['flops'] == measured
+    assert report['params'] == sum(p.numel() for p in model.parameters())
+    assert report['original_flops'] == measure_flops(original, (3, 32, 32))[0]
+    assert report['flops_ratio'] == pytest.approx(measured / report['original_flops'])
+    assert abs(report['analytic_flops'] - measured) / measured < 0.005
+    assert [(b['attn'], b['mlp_hidden']) for b in report['blocks']] == [(b.attn, b.mlp_hidden) for b in files['arch'].blocks]
+    assert [b['attn_flops'] for b in report['blocks']] == [by_module[f'blocks.{i}.attn'] for i in range(4)]
+
+
+def test_flops_table(files):
+    out = tool('flops.py', '--arch', files['arch_file'], '--compare')
+    rows = [line.split() for line in out.splitlines() if re.match(r'\s+\d+\s', line)]
+    assert [(r[1], r[3]) for r in rows] == [(b.attn, f'{b.mlp_hidden}/256') for b in files['arch'].blocks]
+    model = spvit.build_from_arch('vit_tiny_patch16_224', SMALL, files['arch']).model
+    total = measure_flops(model, (3, 32, 32))[0]
+    assert f'total: {total / 1e9:.4f} GFLOPs (fvcore)' in out
+    assert re.search(r'original: [\d.]+ GFLOPs, [\d.]+ M params; reduction [\d.]+% FLOPs', out)
+
+
+def test_benchmark(files):
+    out = tool('benchmark.py', '--pruned', files['pruned'], '--batch-sizes', 1, 2, '--runs', 2, '--warmup', 1,
+               '--threads', 1, '--device', 'cpu')
+    rows = re.findall(r'^\s+(\d+)\s+(original|exported)\s+([\d.]+)\s+([\d.]+)\s+2\s*([\d.]*)$', out, re.M)
+    assert [(r[0], r[1]) for r in rows] == [('1', 'original'), ('1', 'exported'), ('2', 'original'), ('2', 'exported')]
+    for batch, name, ms, ips, ratio in rows:
+        assert float(ips) == pytest.approx(int(batch) / float(ms) * 1e3, rel=0.01)
+        assert (ratio != '') == (name == 'exported')
+    measured = measure_flops(spvit.load_pruned(str(files['pruned'])), (3, 32, 32))[0]
+    original = measure_flops(timm.create_model('vit_tiny_patch16_224', **SMALL), (3, 32, 32))[0]
+    assert f'FLOPs ratio exported/original: {measured / original:.3f}' in out
+
+
+def test_bad_input(files):
+    """One line on stderr, exit code 2, no traceback, nothing written or overwritten."""
+    tmp = files['tmp']
+    existing = tmp / 'existing.pth'
+    existing.write_bytes(b'keep me')
+    plain = tmp / 'plain.pth'
+    torch.save(timm.create_model('vit_tiny_patch16_224', **SMALL).state_dict(), plain)
+    truncated = tmp / 'truncated.pth'
+    truncated.write_bytes(files['search'].read_bytes()[:5000])
+    corrupted = tmp / 'corrupted.pth'
+    corrupted.write_bytes(b'\x80\x02not a checkpoint at all')
+    other_model = tmp / 'other.yaml'
+    spvit.Architecture('deit_tiny_patch16_224', files['arch'].blocks).save(str(other_model))
+    cases = [
+        (('export.py', '--search', plain, '--output', existing), 'is not an spvit-search checkpoint'),
+        (('export.py', '--search', truncated, '--output', existing), 'truncated, corrupted or not a checkpoint'),
+        (('export.py', '--search', corrupted, '--output', existing), 'truncated, corrupted or not a checkpoint'),
+        (('export.py', '--model', 'vit_tiny_patch16_224', '--arch', other_model, '--output', existing),
+         "architecture is for model 'deit_tiny_patch16_224', not 'vit_tiny_patch16_224'"),
+        (('export.py', '--arch', other_model, '--output', existing), 'architecture has 4 blocks but deit_tiny_patch16_224 has 12'),
+        (('export.py', '--search', files['search'], '--output', tmp / 'missing' / 'p.pth'), 'output directory does not exist'),
+        (('flops.py', '--pruned', files['search']), 'is not an spvit-pruned checkpoint (it is spvit-search)'),
+        (('benchmark.py', '--pruned', tmp / 'nothing.pth'), 'file not found'),
+    ]
+    procs = [start(*args) for args, _ in cases]     # concurrently: each pays the interpreter start
+    for proc, (args, message) in zip(procs, cases):
+        out, err = proc.communicate()
+        assert proc.returncode == 2, (args, err)
+        assert out == '' and err.count('\n') == 1, (args, err)
+        assert err.startswith(f'{args[0]}: error: ') and message in err, (args, err)
+    assert existing.read_bytes() == b'keep me'
+    assert not (tmp / 'missing').exists()
+    assert sorted(p.name for p in tmp.iterdir() if '.tmp' in p.name) == []

@@ -1,0 +1,33 @@
+"""Latency and throughput of an exported model against the original, in one process.
+
+    python tools/benchmark.py --pruned pruned.pth
+    python tools/benchmark.py --arch configs/deit_small_latency_arch.yaml
+"""
+import torch
+
+from spvit.cli import ArgumentParser, add_model_source, model_source, run
+from spvit.flops import measure_flops
+from spvit.latency import benchmark
+
+
+def main(argv=None):
+    p = ArgumentParser(description=__doc__.splitlines()[0])
+    add_model_source(p)
+    p.add_argument('--batch-sizes', type=int, nargs='+', default=[1, 64])
+    p.add_argument('--warmup', type=int, default=3, help='untimed forward passes per model and batch size')
+    p.add_argument('--runs', type=int, default=7, help='timed runs per model and batch size (the median is reported)')
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--threads', type=int, help='CPU threads (torch.set_num_threads); default: torch\'s choice')
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    pair = model_source(args)
+    report = benchmark({'original': pair.original, 'exported': pair.model}, pair.input_size,
+                       batch_sizes=args.batch_sizes, warmup=args.warmup, runs=args.runs, device=args.device)
+    report.flops = {name: measure_flops(m, pair.input_size)[0] for name, m in
+                    (('original', pair.original), ('exported', pair.model))}
+    print(report.format())
+
+
+if __name__ == '__main__':
+    run(main)
