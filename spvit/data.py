@@ -45,12 +45,14 @@ def _class_dirs(root: str) -> List[str]:
     return sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith('.'))
 
 
-def select_classes(data_dir: str, subset_classes: Optional[int] = None, class_list: Optional[str] = None) -> List[str]:
-    """The classes to use, in index order: all, the first N in sorted order, or those listed in a file."""
+def select_classes(data_dir: str, subset_classes: Optional[int] = None, class_list: Optional[str] = None,
+                   splits: Sequence[str] = ('train', 'val')) -> List[str]:
+    """The classes to use, in index order: all, the first N in sorted order, or those listed in a file.
+    Evaluation passes ``splits=('val',)``: the sorted val classes are the sorted train classes."""
     if not os.path.isdir(data_dir):
         raise DataError(f'data dir not found: {data_dir}')
     found = {}
-    for split in ('train', 'val'):
+    for split in splits:
         root = os.path.join(data_dir, split)
         if not os.path.isdir(root):
             raise DataError(f'{data_dir} has no {split}/ folder (expected {split}/<class>/<images>)')
@@ -65,22 +67,25 @@ def select_classes(data_dir: str, subset_classes: Optional[int] = None, class_li
             raise DataError(f'cannot read class list {class_list}: {e.strerror}') from None
         if not classes:
             raise DataError(f'class list {class_list} is empty')
-        unknown = [c for c in classes if c not in found['train']]
+        unknown = [c for c in classes if c not in found[splits[0]]]
         if unknown:
-            raise DataError(f'classes in {class_list} not in train/: {", ".join(unknown[:5])}')
+            raise DataError(f'classes in {class_list} not in {splits[0]}/: {", ".join(unknown[:5])}')
         if len(set(classes)) != len(classes):
             raise DataError(f'class list {class_list} repeats classes')
     elif subset_classes:
-        if subset_classes > len(found['train']):
-            raise DataError(f'--subset-classes {subset_classes} but train/ has {len(found["train"])} classes')
-        classes = found['train'][:subset_classes]
+        first = found[splits[0]]
+        if subset_classes > len(first):
+            raise DataError(f'--subset-classes {subset_classes} but {splits[0]}/ has {len(first)} classes')
+        classes = first[:subset_classes]
+    elif len(splits) == 1:
+        classes = found[splits[0]]
     else:
         if found['train'] != found['val']:
             only_train = sorted(set(found['train']) - set(found['val']))
             only_val = sorted(set(found['val']) - set(found['train']))
             raise DataError(f'train/ and val/ classes differ (only in train: {only_train[:3]}, only in val: {only_val[:3]})')
         classes = found['train']
-    missing = [c for c in classes if c not in found['val']]
+    missing = [c for c in classes if c not in found[splits[-1]]]
     if missing:
         raise DataError(f'classes missing from val/: {", ".join(missing[:5])}')
     return classes

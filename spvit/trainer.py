@@ -206,7 +206,7 @@ class Trainer:
         if d.main:
             os.makedirs(self.out, exist_ok=True)
             self.write_text('config.yaml', yaml.safe_dump(self.resolved_config(), sort_keys=False))
-            print(f'{self.tool}: {cfg.model}, {len(self.classes)} classes, {len(self.train_set)} train / '
+            print(f'{self.tool}: {getattr(self, "model_name", cfg.model)}, {len(self.classes)} classes, {len(self.train_set)} train / '
                   f'{len(self.val_set)} val images, {self.steps_per_epoch} steps/epoch x {cfg.epochs} epochs; '
                   f'lr {self.lr:.3g}{self.banner()}', file=sys.stderr)
         eval_loader = D.eval_loader(self.val_set, cfg.eval_batch_size or 2 * cfg.batch_size, cfg.workers,
