@@ -16,6 +16,8 @@ def check_output_path(path: str) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise CheckpointError(f'output directory does not exist: {directory}')
+    if os.path.isdir(path):
+        raise CheckpointError(f'output is a directory, not a file: {path}')
 
 
 def atomic_save(obj: Any, path: str) -> None:

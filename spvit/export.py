@@ -186,6 +186,7 @@ def export_search(path: str) -> PrunedModel:
     exported = export_supernet(supernet, data_config=ckpt.get('data_config'), source=ckpt.get('source'),
                                target_gflops=ckpt.get('target_gflops'), exported_from='search')
     exported.provenance['search_checkpoint'] = os.path.abspath(path)
+    exported.classes = ckpt.get('classes')
     return exported
 
 

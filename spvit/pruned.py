@@ -8,6 +8,7 @@ Format (``torch.load(weights_only=True)``)::
      'kept': [LongTensor per block],               # which original hidden units were kept
      'state_dict': {...},                          # the hybrid model's weights
      'data_config': {'input_size', 'mean', 'std', 'interpolation', 'crop_pct', ...},
+     'classes': [str, ...] or None,                # class names of the search's data, index = label
      'provenance': {'exported_from', 'source', 'target_gflops', 'achieved_gflops', 'original_gflops', ...}}
 
 With ``safetensors=True`` the weights also go to ``model.safetensors`` (the rest as JSON in its
@@ -33,7 +34,7 @@ PRUNED_FORMAT = 'spvit-pruned'
 PRUNED_VERSION = 1
 SAFETENSORS_NAME = 'model.safetensors'
 ARCH_NAME = 'arch.yaml'
-_META_KEYS = ('arch', 'data_config', 'provenance')
+_META_KEYS = ('arch', 'data_config', 'provenance', 'classes')
 
 
 def plain_data_config(config: Dict[str, Any]) -> Dict[str, Any]:
@@ -49,6 +50,7 @@ class PrunedModel:
     kept: Optional[List[torch.Tensor]] = None
     data_config: Dict[str, Any] = field(default_factory=dict)
     provenance: Dict[str, Any] = field(default_factory=dict)
+    classes: Optional[List[str]] = None
 
     def payload(self) -> Dict[str, Any]:
         return {
@@ -61,6 +63,7 @@ class PrunedModel:
             'state_dict': {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
             'data_config': dict(self.data_config),
             'provenance': dict(self.provenance),
+            'classes': None if self.classes is None else list(self.classes),
         }
 
     def save(self, path: str, safetensors: bool = False) -> None:
@@ -100,7 +103,7 @@ def _read_safetensors(path: str) -> Dict[str, Any]:
     if metadata.get('format') != PRUNED_FORMAT:
         raise CheckpointError(f'{path} is not an {PRUNED_FORMAT} safetensors file (no spvit metadata)')
     try:
-        data = {k: json.loads(metadata[k]) for k in _META_KEYS}
+        data = {k: json.loads(metadata.get(k, 'null')) for k in _META_KEYS}
         version = int(metadata['version'])
     except (KeyError, ValueError) as e:
         raise CheckpointError(f'{path}: broken spvit metadata ({type(e).__name__}: {e})') from None
@@ -140,7 +143,8 @@ def read_pruned(path: str, device: Optional[torch.device | str] = None) -> Prune
                             **{k: tuple(v) if isinstance(v, list) else v for k, v in data_config.items()}}
     if device is not None:
         model.to(device)
-    return PrunedModel(model.eval(), arch, ckpt.get('kept'), data_config, dict(ckpt.get('provenance') or {}))
+    return PrunedModel(model.eval(), arch, ckpt.get('kept'), data_config, dict(ckpt.get('provenance') or {}),
+                       ckpt.get('classes'))
 
 
 def load_pruned(path: str, device: Optional[torch.device | str] = None) -> nn.Module:

@@ -115,4 +115,5 @@ def search_payload(supernet, data_config=None):
                                            'interpolation': 'bicubic', 'crop_pct': 0.875},
             'source': {'pretrained': True, 'checkpoint': None}, 'target_gflops': 0.01,
             'achieved_gflops': supernet.arch_flops(supernet.architecture()) / 1e9,
-            'original_gflops': supernet.original_flops / 1e9, 'optimizer': {}}
+            'original_gflops': supernet.original_flops / 1e9, 'optimizer': {},
+            'classes': [f'n0{i:07d}' for i in range(supernet.model.num_classes)]}

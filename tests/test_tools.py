@@ -20,7 +20,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def start(tool, *args):
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get('PYTHONPATH', ''))
+    # one thread each: several tools run at once here, and oversubscribed OpenMP threads crawl
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get('PYTHONPATH', ''), OMP_NUM_THREADS='1')
     return subprocess.Popen([sys.executable, os.path.join('tools', tool), *map(str, args)], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -62,6 +63,8 @@ def test_export_from_search(files):
         safetensors = spvit.load_pruned(str(files['pruned'].parent / 'model.safetensors'))
         assert torch.equal(safetensors(x), model(x))
     assert spvit.Architecture.load(str(files['pruned'].parent / 'arch.yaml')) == files['arch']
+    for path in (files['pruned'], files['pruned'].parent / 'model.safetensors'):
+        assert spvit.read_pruned(str(path)).classes == [f'n0{i:07d}' for i in range(10)]
 
 
 def test_flops_json(files):
@@ -134,3 +137,14 @@ def test_bad_input(files):
     assert existing.read_bytes() == b'keep me'
     assert not (tmp / 'missing').exists()
     assert sorted(p.name for p in tmp.iterdir() if '.tmp' in p.name) == []
+
+
+def test_model_kwargs_are_read_as_yaml():
+    import argparse
+    from spvit.cli import model_kwarg
+    assert [model_kwarg(t) for t in ('img_size=160', 'drop_rate=0.1', 'class_token=false', 'global_pool=avg',
+                                     'img_size=[96,128]')] == [
+        ('img_size', 160), ('drop_rate', 0.1), ('class_token', False), ('global_pool', 'avg'), ('img_size', [96, 128])]
+    for bad in ('img_size', '=3', 'x=[1'):
+        with pytest.raises(argparse.ArgumentTypeError):
+            model_kwarg(bad)
