@@ -13,14 +13,18 @@ $(VENV)/.installed-test: setup.cfg pyproject.toml | $(PY)
 	$(PY) -m pip install $(PIP_FLAGS) -e '.[test]'
 	touch $@
 
-$(VENV)/.installed: setup.cfg pyproject.toml | $(PY)
-	$(PY) -m pip install $(PIP_FLAGS) -e .
+$(VENV)/.installed-plot: setup.cfg pyproject.toml | $(PY)
+	$(PY) -m pip install $(PIP_FLAGS) -e '.[plot]'
 	touch $@
 
 test: $(VENV)/.installed-test
 	$(PY) -m pytest -q
 
-demo: $(VENV)/.installed
+# Fashion-MNIST from Debian's dataset-fashion-mnist where apt can install it, else torchvision's download.
+demo: $(VENV)/.installed-plot
+	@[ -d /usr/share/datasets/fashion-mnist ] || ! command -v apt-get >/dev/null || [ "$$(id -u)" != 0 ] || \
+		(apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || \
+		 (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1)) || true
 	$(PY) tools/demo.py
 
 clean:

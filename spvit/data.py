@@ -134,10 +134,10 @@ def data_config(model: torch.nn.Module, img_size: Optional[int] = None, crop_pct
 
 
 def train_transform(cfg: Dict[str, Any], auto_augment: Optional[str], color_jitter: float, reprob: float,
-                    hflip: float = 0.5):
+                    hflip: float = 0.5, scale: Sequence[float] = (0.08, 1.0)):
     """DeiT's training recipe through timm: RandomResizedCrop, flip, RandAugment, random erasing."""
     return create_transform(
-        tuple(cfg['input_size']), is_training=True, auto_augment=auto_augment or None,
+        tuple(cfg['input_size']), is_training=True, scale=tuple(scale), auto_augment=auto_augment or None,
         color_jitter=color_jitter, re_prob=reprob, re_mode='pixel', re_count=1, hflip=hflip,
         interpolation=cfg['interpolation'], mean=tuple(cfg['mean']), std=tuple(cfg['std']))
 

@@ -43,12 +43,13 @@ CONV_OPS: Dict[str, Tuple[ConvParts, str]] = {
 }
 
 
-def _linear_state(name: str, linear: nn.Linear) -> Dict[str, Tensor]:
-    return {f'{name}.{k}': v.detach() for k, v in linear.state_dict().items()}
+SEARCH_ONLY = ('head_assign', 'gate_logits', 'bn1.', 'bn3.')
 
 
 def _msa_state(slot: AttentionSlot) -> Dict[str, Tensor]:
-    return {**_linear_state('qkv', slot.qkv), **_linear_state('proj', slot.proj)}
+    """The original attention's weights (and Swin's relative position bias table), without what
+    the search added."""
+    return {k: v.detach() for k, v in slot.state_dict().items() if not k.startswith(SEARCH_ONLY)}
 
 
 def _conv_state(op: str, slot: AttentionSlot) -> Dict[str, Tensor]:

@@ -20,8 +20,9 @@ class ConvAttention(nn.Module):
     patch grid. The conv carries the mixed kernel with its BatchNorm folded in.
 
     Prefix tokens (class, distillation, register) have no grid position: they get a zero update,
-    as in the search. ``attn_mask``/``is_causal`` are accepted because timm's Block passes them;
-    a conv has nothing to mask.
+    as in the search. In a Swin block the tokens are one window (no prefix tokens) and the conv
+    pads at the window border. ``attn_mask``/``is_causal`` (ViT) and ``mask`` (Swin's shift mask)
+    are accepted because timm's blocks pass them; a conv has nothing to mask.
     """
 
     def __init__(
@@ -49,7 +50,8 @@ class ConvAttention(nn.Module):
     def extra_repr(self) -> str:
         return f'grid={self.grid_size}, prefix_tokens={self.num_prefix_tokens}'
 
-    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False,
+                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         B, N, C = x.shape
         H, W = self.grid_size
         patches = x[:, self.num_prefix_tokens:]
@@ -68,14 +70,16 @@ class ConvAttention(nn.Module):
 class NoAttention(nn.Module):
     """A skipped attention: the branch adds zero, so the block keeps only its residual (and MLP)."""
 
-    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False,
+                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         return torch.zeros_like(x)
 
 
 def _conv_builder(kernel_size: int) -> Callable[..., nn.Module]:
     def build(attn: nn.Module, grid_size: Tuple[int, int], num_prefix_tokens: int) -> nn.Module:
         w = attn.proj.weight
-        return ConvAttention(attn.proj.out_features, attn.head_dim, kernel_size, grid_size, num_prefix_tokens,
+        head_dim = attn.qkv.out_features // (3 * attn.num_heads)
+        return ConvAttention(attn.proj.out_features, head_dim, kernel_size, grid_size, num_prefix_tokens,
                              proj_bias=attn.proj.bias is not None, proj_drop=attn.proj_drop.p,
                              device=w.device, dtype=w.dtype)
     return build
@@ -99,23 +103,34 @@ def prune_mlp(mlp: nn.Module, hidden: int) -> nn.Module:
     return mlp
 
 
-def _vit_layout(model: nn.Module) -> Tuple[List[nn.Module], Tuple[int, int], int]:
-    return list(model.blocks), tuple(model.patch_embed.grid_size), model.num_prefix_tokens
+Layout = List[Tuple[nn.Module, Tuple[int, int], int]]
 
 
-def layout(model: nn.Module) -> Tuple[List[nn.Module], Tuple[int, int], int]:
-    """Blocks, patch grid and number of prefix tokens of a supported timm model."""
+def _vit_layout(model: nn.Module) -> Layout:
+    grid, npt = tuple(model.patch_embed.grid_size), model.num_prefix_tokens
+    return [(blk, grid, npt) for blk in model.blocks]
+
+
+def _swin_layout(model: nn.Module) -> Layout:
+    return [(blk, tuple(blk.window_size), 0) for stage in model.layers for blk in stage.blocks]
+
+
+def layout(model: nn.Module) -> Layout:
+    """(block, grid the conv ops run on, number of prefix tokens) for each block of a supported
+    timm model: the patch grid for ViTs, the window for Swin."""
+    from timm.models.swin_transformer import SwinTransformer
     from timm.models.vision_transformer import VisionTransformer
-    layouts = {VisionTransformer: _vit_layout}   # model family -> where its blocks are
+    layouts = {VisionTransformer: _vit_layout, SwinTransformer: _swin_layout}   # model family -> its blocks
     for cls, family_layout in layouts.items():
         if isinstance(model, cls):
             return family_layout(model)
-    raise UnsupportedModelError(f'{type(model).__name__} cannot be made hybrid; only timm VisionTransformer models')
+    raise UnsupportedModelError(f'{type(model).__name__} cannot be made hybrid; only timm VisionTransformer '
+                                'and SwinTransformer models')
 
 
 def mlp_widths(model: nn.Module) -> List[int]:
     """Each block's MLP hidden width (the full widths of an unmodified model)."""
-    return [blk.mlp.fc1.out_features for blk in layout(model)[0]]
+    return [blk.mlp.fc1.out_features for blk, _, _ in layout(model)]
 
 
 def hybridize(model: nn.Module, arch: Architecture) -> nn.Module:
@@ -123,11 +138,12 @@ def hybridize(model: nn.Module, arch: Architecture) -> nn.Module:
     replaced per op, MLPs shrunk to their kept width. Weights of replaced parts are random; the
     exporter and ``load_pruned`` fill them from a state dict."""
     from timm.layers import Attention
-    blocks, grid, npt = layout(model)
-    arch.validate([blk.mlp.fc1.out_features for blk in blocks])
-    for i, (blk, b) in enumerate(zip(blocks, arch.blocks)):
-        if type(blk.attn) is not Attention:
-            raise UnsupportedModelError(f'block {i}: {type(blk.attn).__name__} is not a timm Attention (already hybrid?)')
+    from timm.models.swin_transformer import WindowAttention
+    blocks = layout(model)
+    arch.validate([blk.mlp.fc1.out_features for blk, _, _ in blocks])
+    for i, ((blk, grid, npt), b) in enumerate(zip(blocks, arch.blocks)):
+        if type(blk.attn) not in (Attention, WindowAttention):
+            raise UnsupportedModelError(f'block {i}: {type(blk.attn).__name__} is not a timm attention (already hybrid?)')
         blk.attn = ATTENTION_BUILDERS[b.attn](blk.attn, grid, npt)
         if b.mlp_hidden != blk.mlp.fc1.out_features:
             prune_mlp(blk.mlp, b.mlp_hidden)

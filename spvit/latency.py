@@ -8,7 +8,7 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -59,6 +59,14 @@ class LatencyReport:
     def ratio(self, batch: int, name: str, base: str) -> float:
         """Latency of ``name`` over that of ``base`` at this batch size."""
         return self.timings[batch][name].seconds / self.timings[batch][base].seconds
+
+    def to_dict(self, base: str = 'original') -> Dict[str, Any]:
+        return {
+            'device': self.device, 'threads': self.threads, 'input_size': list(self.input_size), 'flops': dict(self.flops),
+            'batches': {str(b): {name: {'latency_ms': t.latency_ms, 'images_per_s': t.images_per_s,
+                                        **({} if name == base else {'ratio': self.ratio(b, name, base)})}
+                                 for name, t in row.items()} for b, row in self.timings.items()},
+        }
 
     def format(self, base: str = 'original') -> str:
         size = 'x'.join(map(str, self.input_size))

@@ -31,6 +31,7 @@ class DataOptions:
     interpolation: Optional[str] = field(None, 'resize interpolation (bicubic, bilinear, ...)')
     mean: Optional[List[float]] = field(None, 'normalisation mean (3 values)')
     std: Optional[List[float]] = field(None, 'normalisation std (3 values)')
+    scale: List[float] = field([0.08, 1.0], 'RandomResizedCrop area range')
     auto_augment: Optional[str] = field('rand-m9-mstd0.5-inc1', 'RandAugment policy ("" to disable)')
     color_jitter: float = field(0.3, 'color jitter strength')
     reprob: float = field(0.25, 'random erasing probability')

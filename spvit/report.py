@@ -85,7 +85,7 @@ def flop_report(pair: ModelPair, original_flops: Optional[int] = None) -> FlopRe
         original_flops = total if pair.model is pair.original else measure_flops(pair.original, size)[0]
     names = {id(m): n for n, m in pair.model.named_modules()}
     blocks = []
-    for i, (blk, b, d) in enumerate(zip(layout(pair.model)[0], pair.arch.blocks, dims)):
+    for i, ((blk, _, _), b, d) in enumerate(zip(layout(pair.model), pair.arch.blocks, dims)):
         blocks.append(BlockReport(
             block=i, attn=b.attn,
             attn_flops=by_module.get(names[id(blk.attn)], 0), attn_flops_analytic=attn_flops(d, b.attn),

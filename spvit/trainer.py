@@ -83,7 +83,8 @@ class Trainer:
 
         d = self.dist
         self.train_set = D.image_folder(os.path.join(cfg.data_dir, 'train'), self.classes, cfg.samples_per_class,
-                                        D.train_transform(self.data_config, cfg.auto_augment, cfg.color_jitter, cfg.reprob))
+                                        D.train_transform(self.data_config, cfg.auto_augment, cfg.color_jitter, cfg.reprob,
+                                                          scale=cfg.scale))
         self.val_set = D.image_folder(os.path.join(cfg.data_dir, 'val'), self.classes, None,
                                       D.eval_transform(self.data_config))
         self.sampler = D.ResumableSampler(self.train_set, d.world_size, d.rank, cfg.seed)

@@ -78,3 +78,47 @@ def test_untiled_feature_map_is_refused():
     model = timm.create_model(NAME, **dict(SMALL_SWIN, img_size=72, window_size=4, strict_img_size=False))
     with pytest.raises(spvit.UnsupportedModelError, match='not tiled by'):
         spvit.attach_search_space(model)
+
+
+@pytest.mark.parametrize('seed', [0, 1])
+def test_export_matches_pinned_supernet(swin, seed, tmp_path):
+    from conftest import randomize_mixing, set_gates
+    from spvit.export import export_supernet
+    supernet, _ = swin
+    arch, kept = random_arch(supernet, seed)
+    randomize_batchnorm(supernet, seed)
+    randomize_mixing(supernet, seed)
+    set_gates(supernet, arch, kept)
+    supernet.pin_current()
+    supernet.eval()
+    exported = export_supernet(supernet)
+    path = str(tmp_path / 'swin.pth')
+    exported.save(path)
+    loaded = spvit.load_pruned(path)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        pinned = supernet(x)
+        assert (exported.model(x) - pinned).abs().max().item() <= 1e-4
+        assert torch.equal(loaded(x), exported.model(x))
+    measured, _ = measure_flops(loaded, (3, 64, 64))
+    assert abs(measured - supernet.arch_flops(arch)) / measured < 0.005
+    names = {n for n, _ in loaded.named_parameters()}
+    assert not any(k in n for n in names for k in ('gate_logits', 'head_assign', 'bn1', 'bn3'))
+
+
+def test_swin_search_moves_toward_target_and_exports(image_folder, tmp_path):
+    import json
+    from spvit.search import main as search_main
+    from conftest import SEARCH_DATA
+    out = tmp_path / 'run'
+    search_main(['--model', NAME, '--model-kwargs', 'img_size=32', 'patch_size=2', 'window_size=4', 'embed_dim=32',
+                 'depths=[2,2]', 'num_heads=[2,4]', *SEARCH_DATA, '--data-dir', image_folder, '--output-dir', str(out),
+                 '--batch-size', '16', '--target-ratio', '0.6', '--epochs', '2', '--alpha', '100'])
+    steps = [json.loads(line) for line in open(out / 'log.jsonl') if '"step"' in line]
+    first, last = steps[0], steps[-1]
+    assert abs(last['gflops'] - last['target']) < abs(first['gflops'] - first['target'])
+    from spvit.export import export_search
+    path = str(tmp_path / 'pruned.pth')
+    export_search(str(out / 'search-final.pth')).save(path)
+    model = spvit.load_pruned(path)
+    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 4)

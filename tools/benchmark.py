@@ -3,6 +3,8 @@
     python tools/benchmark.py --pruned pruned.pth
     python tools/benchmark.py --arch configs/deit_small_latency_arch.yaml
 """
+import json
+
 import torch
 
 from spvit.cli import ArgumentParser, add_model_source, model_source, run
@@ -18,6 +20,7 @@ def main(argv=None):
     p.add_argument('--runs', type=int, default=7, help='timed runs per model and batch size (the median is reported)')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--threads', type=int, help='CPU threads (torch.set_num_threads); default: torch\'s choice')
+    p.add_argument('--json', action='store_true', help='print one JSON object instead of the table')
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -26,7 +29,7 @@ def main(argv=None):
                        batch_sizes=args.batch_sizes, warmup=args.warmup, runs=args.runs, device=args.device)
     report.flops = {name: measure_flops(m, pair.input_size)[0] for name, m in
                     (('original', pair.original), ('exported', pair.model))}
-    print(report.format())
+    print(json.dumps(report.to_dict()) if args.json else report.format())
 
 
 if __name__ == '__main__':

@@ -1,35 +1,25 @@
-"""Smoke pipeline until the full demo lands: attach the search space to a small ViT, take a few
-search steps on random data, read off the architecture and check its FLOPs with fvcore."""
-import timm
-import torch
-import torch.nn.functional as F
+#!/usr/bin/env python
+"""make demo: the whole spvit pipeline on Fashion-MNIST (search -> export -> fine-tune -> eval)."""
+import argparse
 
-import spvit
-from spvit.flops import measure_flops
+from spvit.cli import run
+from spvit.demo import run_demo
 
 
-def main() -> None:
-    torch.manual_seed(0)
-    kwargs = dict(img_size=32, patch_size=4, embed_dim=96, depth=6, num_heads=3, num_classes=10)
-    model = timm.create_model('vit_tiny_patch16_224', **kwargs)
-    supernet = spvit.attach_search_space(model, theta0=0.5, model_name='vit_tiny_patch16_224', model_kwargs=kwargs)
-    target = 0.6 * supernet.original_flops / 1e9
-    opt = torch.optim.AdamW(supernet.gate_parameters(), lr=0.05, weight_decay=0)
-    supernet.train()
-    for step in range(30):
-        x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
-        loss = F.cross_entropy(supernet(x), y) + 5 * ((supernet.flops() - target) / target) ** 2
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    arch = supernet.architecture()
-    supernet.pin_current()
-    measured, _ = measure_flops(supernet, supernet.input_size)
-    for i, b in enumerate(arch.blocks):
-        print(f'block {i}: {b.attn:8s} mlp {b.mlp_hidden}/{supernet.block_dims[i].hidden}')
-    print(f'original {supernet.original_flops / 1e9:.4f} GFLOPs, target {target:.4f}, '
-          f'searched {supernet.arch_flops(arch) / 1e9:.4f} (analytic) / {measured / 1e9:.4f} (fvcore)')
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument('--data-root', default='data', help='where Fashion-MNIST and its image folder go')
+    p.add_argument('--runs', default='runs/demo', help='where the runs go')
+    p.add_argument('--train-per-class', type=int, default=600)
+    p.add_argument('--val-per-class', type=int, default=200)
+    p.add_argument('--pretrain-epochs', type=int, default=10)
+    p.add_argument('--search-epochs', type=int, default=6)
+    p.add_argument('--finetune-epochs', type=int, default=6)
+    p.add_argument('--report', default='demo-report.png', help="picture of the result ('' to skip)")
+    a = p.parse_args(argv)
+    run_demo(a.data_root, a.runs, a.train_per_class, a.val_per_class, a.pretrain_epochs, a.search_epochs,
+             a.finetune_epochs, a.report or None)
 
 
 if __name__ == '__main__':
-    main()
+    run(main)
