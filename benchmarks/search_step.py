@@ -30,7 +30,8 @@ def worker(args) -> None:
 
     import spvit
     torch.manual_seed(0)
-    model = timm.create_model(args.model, img_size=args.img_size).train()
+    device = torch.device(args.device)
+    model = timm.create_model(args.model, img_size=args.img_size).train().to(device)
     net = model
     if args.mode == 'search':
         net = spvit.attach_search_space(model, model_name=args.model)
@@ -40,11 +41,14 @@ def worker(args) -> None:
                       torch.optim.AdamW(net.gate_parameters(), lr=1e-3, weight_decay=0)]
     else:
         optimizers = [torch.optim.AdamW(net.parameters(), lr=1e-5)]
-    x = torch.randn(args.batch_size, 3, args.img_size, args.img_size)
-    y = torch.randint(0, 1000, (args.batch_size,))
-    base = rss_bytes()
+    x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
+    y = torch.randint(0, 1000, (args.batch_size,), device=device)
+    cuda = device.type == 'cuda'
+    base = torch.cuda.memory_allocated(device) if cuda else rss_bytes()
     times = []
     for i in range(args.warmup + args.steps):
+        if cuda:
+            torch.cuda.synchronize(device)
         t = time.perf_counter()
         loss = F.cross_entropy(net(x), y)
         if args.mode == 'search':
@@ -53,9 +57,12 @@ def worker(args) -> None:
         for opt in optimizers:
             opt.step()
             opt.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize(device)
         if i >= args.warmup:
             times.append(time.perf_counter() - t)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # On CUDA the allocator's peak is exact; on the CPU the peak RSS (see the module docstring).
+    peak = torch.cuda.max_memory_allocated(device) if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(json.dumps({'step_s': statistics.median(times), 'peak_bytes': peak, 'step_bytes': peak - base}))
 
 
@@ -67,6 +74,7 @@ def main() -> None:
     p.add_argument('--steps', type=int, default=5)
     p.add_argument('--warmup', type=int, default=2)
     p.add_argument('--rounds', type=int, default=2, help='alternate plain/search this many times')
+    p.add_argument('--device', default='cpu', help='cpu or cuda')
     p.add_argument('--mode', choices=['plain', 'search'], help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.mode:

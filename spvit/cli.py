@@ -5,8 +5,6 @@ import argparse
 import sys
 from typing import Any, Callable, Optional, Sequence, Tuple
 
-import yaml
-
 from .errors import SpvitError
 
 
@@ -38,13 +36,11 @@ def run(main: Callable[[Optional[Sequence[str]]], Optional[int]], argv: Optional
 
 def model_kwarg(text: str) -> Tuple[str, Any]:
     """argparse type for ``--model-kwargs k=v``: the value is read as YAML (ints, floats, bools, lists)."""
-    key, sep, value = text.partition('=')
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f'expected key=value, got {text!r}')
+    from .config import kv_item
     try:
-        return key, yaml.safe_load(value)
-    except yaml.YAMLError:
-        raise argparse.ArgumentTypeError(f'cannot read the value of {text!r}') from None
+        return kv_item(text)
+    except SpvitError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def add_model_kwargs(parser: argparse.ArgumentParser) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import typing
-from typing import Any, Dict, List, Optional, Sequence, Type, TypeVar
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Type, TypeVar
 
 import yaml
 
@@ -38,18 +38,20 @@ def _base_type(tp: Any) -> Any:
     return tp
 
 
+def kv_item(text: str) -> Tuple[str, Any]:
+    """'img_size=32' -> ('img_size', 32): the value is read as YAML (ints, floats, bools, lists)."""
+    key, sep, value = text.partition('=')
+    if not sep or not key:
+        raise ConfigError(f'expected key=value, got {text!r}')
+    try:
+        return key, yaml.safe_load(value)
+    except yaml.YAMLError:
+        raise ConfigError(f'cannot read the value of {text!r}') from None
+
+
 def parse_kv(items: Sequence[str]) -> Dict[str, Any]:
     """['img_size=32', 'drop_path_rate=0.1'] -> {'img_size': 32, 'drop_path_rate': 0.1}."""
-    out = {}
-    for item in items:
-        key, sep, value = item.partition('=')
-        if not sep or not key:
-            raise ConfigError(f'expected key=value, got {item!r}')
-        try:
-            out[key] = yaml.safe_load(value)
-        except yaml.YAMLError:
-            out[key] = value
-    return out
+    return dict(kv_item(item) for item in items)
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, cls: Type[Any]) -> None:
@@ -148,6 +150,16 @@ def resolve(cls: Type[T], args: argparse.Namespace, config_path: Optional[str] =
     from_flags = from_dict(cls, flags, source='command line')
     merged.update({k: getattr(from_flags, k) for k in flags})
     return cls(**merged)
+
+
+def parse_config(cls: Type[T], prog: str, description: str, argv: Optional[Sequence[str]] = None) -> T:
+    """A tool's command line: ``--config FILE`` plus one flag per field of ``cls``."""
+    from .cli import ArgumentParser
+    parser = ArgumentParser(prog=prog, description=description)
+    parser.add_argument('--config', help='YAML file of config keys (flags override it)')
+    add_config_arguments(parser, cls)
+    args = parser.parse_args(argv)
+    return resolve(cls, args, args.config)
 
 
 def to_dict(cfg: Any) -> Dict[str, Any]:

@@ -16,6 +16,7 @@ import time
 from typing import Any, Dict, List, Optional
 
 from .fashion_mnist import write_image_folder
+from .runtime import TrainingError
 
 MODEL = ['--model', 'vit_tiny_patch16_224', '--model-kwargs', 'img_size=32', 'patch_size=4', 'embed_dim=96',
          'depth=6', 'num_heads=3']
@@ -35,7 +36,9 @@ def sh(cmd: List[str], capture: bool = False) -> str:
     shown = ['python' if c == sys.executable else os.path.relpath(c) if c.startswith('/') and '/tools/' in c else c
              for c in cmd]
     print('\n$ ' + shlex.join(shown), flush=True)
-    result = subprocess.run(cmd, check=True, text=True, stdout=subprocess.PIPE if capture else None)
+    result = subprocess.run(cmd, text=True, stdout=subprocess.PIPE if capture else None)
+    if result.returncode:
+        raise TrainingError(f'demo step failed with exit code {result.returncode}: {shlex.join(shown)}')
     return result.stdout if capture else ''
 
 
@@ -65,6 +68,7 @@ def run_demo(data_root: str = 'data', runs: str = 'runs/demo', train_per_class: 
     data = os.path.join(data_root, 'fashion-mnist')
     print(f'Fashion-MNIST -> {data} ({train_per_class}/class train, {val_per_class}/class val)', flush=True)
     write_image_folder(data, os.path.join(data_root, 'cache'), train_per_class, val_per_class)
+    os.makedirs(runs, exist_ok=True)
     cmds = steps(data, runs, pretrain_epochs, search_epochs, finetune_epochs)
     pre = os.path.join(runs, 'pretrain')
     stamp = os.path.join(pre, 'demo-command.txt')

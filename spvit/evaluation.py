@@ -3,15 +3,13 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Sequence
 
 
 from . import data as D
-from .cli import ArgumentParser
-from .config import ConfigError, add_config_arguments, field, resolve
+from .config import ConfigError, field, parse_config
 from .flops import measure_flops
 from .models import create_model
 from .options import DataOptions, ModelOptions
@@ -71,16 +69,12 @@ def run_eval(cfg: EvalConfig) -> Dict[str, Any]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = ArgumentParser(prog='eval.py', description='Evaluate an exported spvit model or a timm baseline.')
-    p.add_argument('--config', help='YAML file of config keys (flags override it)')
-    add_config_arguments(p, EvalConfig)
-    args = p.parse_args(argv)
-    cfg = resolve(EvalConfig, args, args.config)
+    cfg = parse_config(EvalConfig, 'eval.py', 'Evaluate an exported spvit model or a timm baseline.', argv)
     r = run_eval(cfg)
     if cfg.json:
         print(json.dumps(r))
     else:
         print(f"{r['model']}: top-1 {r['top1']:.2f}%  top-5 {r['top5']:.2f}%  loss {r['loss']:.4f}  "
               f"({r['images']} images, {r['images_per_s']:.1f} images/s on {r['device']})\n"
-              f"{r['gflops']:.4f} GFLOPs, {r['params'] / 1e6:.3f} M params", file=sys.stdout)
+              f"{r['gflops']:.4f} GFLOPs, {r['params'] / 1e6:.3f} M params")
     return 0

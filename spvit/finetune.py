@@ -25,8 +25,7 @@ from timm.utils import ModelEmaV3
 from . import data as D
 from .arch import Architecture, BlockArch
 from .checkpoint import load_file
-from .cli import ArgumentParser
-from .config import ConfigError, add_config_arguments, field, resolve
+from .config import ConfigError, field, parse_config
 from .errors import CheckpointError
 from .hybrid import mlp_widths
 from .models import create_model
@@ -113,7 +112,6 @@ class FinetuneTrainer(Trainer):
         model.pretrained_cfg = {**(getattr(model, 'pretrained_cfg', None) or {}), **data_config}
         self.teacher = self._build_teacher(model, data_config) if cfg.distill != 'none' else None
         self.best_top1 = -1.0
-        self.ema = ModelEmaV3(model, decay=cfg.model_ema_decay) if cfg.model_ema else None
         return model, data_config
 
     def _build_teacher(self, student: nn.Module, data_config: Dict[str, Any]) -> nn.Module:
@@ -148,6 +146,8 @@ class FinetuneTrainer(Trainer):
         return {'weights': create_optimizer_v2(self.model, opt='adamw', lr=self.lr, weight_decay=self.cfg.weight_decay)}
 
     def after_setup(self) -> None:
+        # the model is on its device now: the EMA copy and the teacher follow it there
+        self.ema = ModelEmaV3(self.model, decay=self.cfg.model_ema_decay) if self.cfg.model_ema else None
         self.task = self._distillation_task() if self.teacher is not None else None
 
     def _distillation_task(self) -> nn.Module:
@@ -243,14 +243,6 @@ def run_finetune(cfg: FinetuneConfig) -> nn.Module:
     return trainer.run()
 
 
-def build_parser() -> ArgumentParser:
-    p = ArgumentParser(prog='finetune.py', description='Fine-tune an exported spvit model (or an unpruned timm baseline).')
-    p.add_argument('--config', help='YAML file of config keys (flags override it)')
-    add_config_arguments(p, FinetuneConfig)
-    return p
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    run_finetune(resolve(FinetuneConfig, args, args.config))
+    run_finetune(parse_config(FinetuneConfig, 'finetune.py', 'Fine-tune an exported spvit model (or an unpruned timm baseline).', argv))
     return 0

@@ -60,8 +60,8 @@ def resolve_device(name: Optional[str], d: Dist) -> torch.device:
     if name.startswith('cuda'):
         if not torch.cuda.is_available():
             raise SpvitError(f'device {name} requested but CUDA is not available')
-        if d.enabled and name == 'cuda':
-            name = f'cuda:{d.local_rank}'
+        if name == 'cuda':       # one GPU per process: torchrun's local rank, else the current device
+            name = f'cuda:{d.local_rank if d.enabled else torch.cuda.current_device()}'
         torch.cuda.set_device(torch.device(name))
     elif name != 'cpu':
         raise SpvitError(f'unknown device {name!r} (cpu, cuda, cuda:N)')

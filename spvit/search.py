@@ -18,8 +18,7 @@ from tqdm import tqdm
 from . import data as D
 from .arch import Architecture
 from .checkpoint import atomic_save, load_file, supernet_record
-from .cli import ArgumentParser
-from .config import ConfigError, add_config_arguments, field, resolve
+from .config import ConfigError, field, parse_config
 from .errors import CheckpointError
 from .models import create_model
 from .options import DataOptions, ModelOptions, TrainOptions
@@ -212,15 +211,6 @@ def run_search(cfg: SearchConfig) -> SuperNet:
     return trainer.supernet
 
 
-def build_parser() -> ArgumentParser:
-    p = ArgumentParser(prog='search.py', description='Search a hybrid conv/attention architecture under a FLOPs budget.')
-    p.add_argument('--config', help='YAML file of config keys (flags override it)')
-    add_config_arguments(p, SearchConfig)
-    return p
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    cfg = resolve(SearchConfig, args, args.config)
-    run_search(cfg)
+    run_search(parse_config(SearchConfig, 'search.py', 'Search a hybrid conv/attention architecture under a FLOPs budget.', argv))
     return 0
