@@ -23,11 +23,11 @@ from timm.task.token_distillation import TokenDistillationTask
 from timm.utils import ModelEmaV3
 
 from . import data as D
-from .arch import Architecture, BlockArch
+from .arch import Architecture
 from .checkpoint import load_file
 from .config import ConfigError, field, parse_config
 from .errors import CheckpointError
-from .hybrid import mlp_widths
+from .compare import full_architecture
 from .models import create_model
 from .options import DataOptions, ModelOptions, TrainOptions
 from .pruned import PRUNED_FORMAT, PrunedModel, plain_data_config, read_pruned
@@ -69,11 +69,6 @@ class HardLogitDistillationTask(LogitDistillationTask):
                 'output': student_logits, 'task_loss': task_loss, 'kd_loss': kd_loss}
 
 
-def full_architecture(model: nn.Module, name: str, kwargs: Dict[str, Any]) -> Architecture:
-    """The unpruned model as an architecture: msa everywhere, every hidden unit."""
-    return Architecture(model=name, model_kwargs=dict(kwargs), blocks=[BlockArch('msa', m) for m in mlp_widths(model)])
-
-
 class FinetuneTrainer(Trainer):
     tool = 'finetune'
     state_format = PRUNED_FORMAT
@@ -101,7 +96,7 @@ class FinetuneTrainer(Trainer):
             model = create_model(cfg.model, kwargs, pretrained=cfg.pretrained and not self.resuming,
                                  checkpoint=None if self.resuming else cfg.checkpoint, num_classes=self.num_classes)
             self.model_name, self.model_kwargs = cfg.model, {**kwargs, 'num_classes': self.num_classes}
-            self.arch, self.kept = full_architecture(model, self.model_name, self.model_kwargs), None
+            self.arch, self.kept = full_architecture(self.model_name, self.model_kwargs, model), None
             self.provenance = {'source': {'pretrained': cfg.pretrained, 'checkpoint': cfg.checkpoint}}
             recorded = None
         data_config = D.data_config(model, None, cfg.crop_pct, cfg.interpolation, cfg.mean, cfg.std)
