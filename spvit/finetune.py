@@ -214,7 +214,12 @@ class FinetuneTrainer(Trainer):
         return {**extra, 'best_top1': self.best_top1}
 
     def finish(self) -> None:
-        if self.dist.main:
+        if not self.dist.main:
+            return
+        if self.best_top1 < 0:
+            print(f'finetune: stopped before the first epoch ended; {os.path.join(self.out, LAST)} holds the model',
+                  file=sys.stderr)
+        else:
             print(f'finetune: done, best val top-1 {self.best_top1:.2f}%; wrote {os.path.join(self.out, BEST)}',
                   file=sys.stderr)
 
