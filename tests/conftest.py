@@ -117,3 +117,16 @@ def search_payload(supernet, data_config=None):
             'achieved_gflops': supernet.arch_flops(supernet.architecture()) / 1e9,
             'original_gflops': supernet.original_flops / 1e9, 'optimizer': {},
             'classes': [f'n0{i:07d}' for i in range(supernet.model.num_classes)]}
+
+
+def conv_slot(supernet, logits, seed=1):
+    """Block 1's attention slot in eval mode with non-trivial BatchNorm, non-uniform head mixing at
+    alpha=0.01, random value biases (they exercise the conv padding) and the given gate logits."""
+    randomize_batchnorm(supernet)
+    supernet.eval()
+    slot = supernet.attn_slots[1]
+    g = torch.Generator().manual_seed(seed)
+    slot.head_assign.data = torch.randn(slot.head_assign.shape, generator=g) * 0.02
+    slot.qkv.bias.data = torch.randn(slot.qkv.bias.shape, generator=g)
+    slot.gate_logits.data = torch.tensor(logits)
+    return slot

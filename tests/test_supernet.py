@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from spvit.gates import attention_gates, sample_gates
 from spvit.mixing import OFFSETS
 
-from conftest import SMALL, randomize_batchnorm, random_arch, set_gates, supernet_and_original
+from conftest import SMALL, conv_slot, randomize_batchnorm, random_arch, set_gates, supernet_and_original
 
 EQUIVALENCE_CASES = [
     ('deit_tiny_patch16_224', {}),
@@ -80,14 +80,7 @@ def reference_conv(slot, x, op):
 
 @pytest.mark.parametrize('op,logits', [('conv1x1', [5., -5., -5.]), ('conv3x3', [5., 5., -5.])])
 def test_conv_branches_match_formulas(small_supernet, op, logits):
-    supernet, _ = small_supernet
-    randomize_batchnorm(supernet)
-    supernet.eval()
-    slot = supernet.attn_slots[1]
-    torch.manual_seed(1)
-    slot.head_assign.data = torch.randn_like(slot.head_assign) * 0.02   # non-uniform mixing at alpha=0.01
-    slot.qkv.bias.data.normal_()                                        # exercise the padding bias
-    slot.gate_logits.data = torch.tensor(logits)
+    slot = conv_slot(small_supernet[0], logits)
     x = torch.randn(2, 65, 64)
     with torch.no_grad():
         expected = reference_conv(slot, x, op)

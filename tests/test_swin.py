@@ -6,7 +6,7 @@ import torch
 import spvit
 from spvit.flops import measure_flops
 
-from conftest import randomize_batchnorm, random_arch, supernet_and_original
+from conftest import conv_slot, randomize_batchnorm, random_arch, supernet_and_original
 from test_supernet import reference_conv
 
 NAME = 'swin_tiny_patch4_window7_224'
@@ -37,13 +37,7 @@ def test_all_gates_open_matches_timm(kwargs):
 
 @pytest.mark.parametrize('op,logits', [('conv1x1', [5., -5., -5.]), ('conv3x3', [5., 5., -5.])])
 def test_conv_ops_run_per_window(swin, op, logits):
-    supernet, _ = swin
-    randomize_batchnorm(supernet)
-    supernet.eval()
-    slot = supernet.attn_slots[1]
-    torch.manual_seed(1)
-    slot.head_assign.data = torch.randn_like(slot.head_assign) * 0.02
-    slot.gate_logits.data = torch.tensor(logits)
+    slot = conv_slot(swin[0], logits)
     windows = torch.randn(2 * 16, 16, 32)          # (windows x batch, 4x4 tokens, C)
     with torch.no_grad():
         expected = reference_conv(slot, windows, op)

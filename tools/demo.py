@@ -1,13 +1,12 @@
 #!/usr/bin/env python
 """make demo: the whole spvit pipeline on Fashion-MNIST (search -> export -> fine-tune -> eval)."""
-import argparse
 
-from spvit.cli import run
+from spvit.cli import ArgumentParser, run
 from spvit.demo import run_demo
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__)
+    p = ArgumentParser(description=__doc__)
     p.add_argument('--data-root', default='data', help='where Fashion-MNIST and its image folder go')
     p.add_argument('--runs', default='runs/demo', help='where the runs go')
     p.add_argument('--train-per-class', type=int, default=600)
