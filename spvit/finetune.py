@@ -163,7 +163,7 @@ class FinetuneTrainer(Trainer):
                 loss = self.criterion(self.net(x), y)
                 return loss.float(), {}
             out = self.task(x, y)
-        parts = {k: v.item() for k, v in out.items() if k.endswith('_loss')}
+        parts = {k: v.detach() for k, v in out.items() if k.endswith('_loss')}
         return out['loss'].float(), parts
 
     def after_optimizer_step(self) -> None:

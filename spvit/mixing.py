@@ -106,15 +106,20 @@ def shifted_sum(v: torch.Tensor) -> torch.Tensor:
     return _ShiftedSum.apply(v)
 
 
-def border_bias(bias: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
-    """(H, W, C): the sum of the offset biases (9, C) that fall outside the grid at each position.
-
-    A conv pads x with zeros but still adds every offset's bias, so a shifted sum of values that
-    already carry their bias misses exactly this term at the border.
-    """
+def border_mask(grid: Tuple[int, int]) -> torch.Tensor:
+    """(H, W, 9): 1 where offset k of position (y, x) falls outside the grid."""
     H, W = grid
-    outside = torch.ones(H, W, len(OFFSETS), dtype=bias.dtype, device=bias.device)
+    outside = torch.ones(H, W, len(OFFSETS))
     for k, (dy, dx) in enumerate(OFFSETS):
         (oy, _), (ox, _) = _valid(dy, H), _valid(dx, W)
         outside[oy, ox, k] = 0
-    return outside @ bias
+    return outside
+
+
+def border_bias(bias: torch.Tensor, outside: torch.Tensor) -> torch.Tensor:
+    """(H, W, C): the sum of the offset biases (9, C) that fall outside the grid at each position.
+
+    A conv pads x with zeros but still adds every offset's bias, so a shifted sum of values that
+    already carry their bias misses exactly this term at the border. ``outside`` is ``border_mask``.
+    """
+    return outside.to(bias.dtype) @ bias

@@ -144,7 +144,7 @@ class SearchTrainer(Trainer):
         gflops = self.supernet.flops()
         pen = penalty(gflops, self.target, self.cfg.flops_loss)
         loss = ce.float() + self.cfg.loss_lambda * pen
-        return loss, {'ce': ce.item(), 'penalty': pen.item(), 'gflops': gflops.item(), 'target': self.target}
+        return loss, {'ce': ce.detach(), 'penalty': pen.detach(), 'gflops': gflops.detach(), 'target': self.target}
 
     def before_optimizer_step(self) -> None:
         if self.global_step >= self.settle_from:

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 
 from .arch import ATTN_OPS
 from .gates import attention_coefficients, attention_gates, sample_gates
-from .mixing import CENTER, OFFSETS, border_bias, conv3x3_weight, head_mixing, mix_heads, mix_output, mix_value, shifted_sum
+from .mixing import (CENTER, OFFSETS, border_bias, border_mask, conv3x3_weight, head_mixing, mix_heads, mix_output,
+                     mix_value, shifted_sum)
 
 
 class AttentionSlot(nn.Module):
@@ -46,6 +47,7 @@ class AttentionSlot(nn.Module):
         self.bn1 = nn.BatchNorm1d(self.head_dim, **dd)
         self.bn3 = nn.BatchNorm1d(self.head_dim, **dd)
         self.gate_logits = nn.Parameter(torch.full((3,), float(theta0), **dd))
+        self.register_buffer('border', border_mask(self.grid_size).to(**dd), persistent=False)
         self.pinned_op: Optional[str] = None
 
     def extra_repr(self) -> str:
@@ -124,7 +126,7 @@ class AttentionSlot(nn.Module):
         z3 = shifted_sum(vm.reshape(B, H, W, len(OFFSETS), hd))
         if self.qkv.bias is not None:
             b_v = self.qkv.bias[2 * self.num_heads * hd:].reshape(self.num_heads, hd)
-            z3 = z3 + border_bias(mix.t() @ b_v, self.grid_size)
+            z3 = z3 + border_bias(mix.t() @ b_v, self.border)
         return self._norm_act(z3.reshape(B, P, hd), self.bn3), self._norm_act(vm[:, :, CENTER].contiguous(), self.bn1)
 
     def _forward_pinned(self, x, attn_mask, is_causal) -> torch.Tensor:

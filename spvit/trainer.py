@@ -130,8 +130,8 @@ class Trainer:
         """Named optimisers; 'weights' gets the cosine schedule."""
         raise NotImplementedError
 
-    def compute_loss(self, x: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, float]]:
-        """Total loss and the parts to log (floats)."""
+    def compute_loss(self, x: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, Any]]:
+        """Total loss and the parts to log (numbers or 0-d tensors, read only at log steps)."""
         raise NotImplementedError
 
     def model_state(self) -> Dict[str, Any]:
@@ -250,7 +250,7 @@ class Trainer:
                 bar.update(1)
                 if (self.global_step % cfg.log_every == 0 or self.step_in_epoch == self.steps_per_epoch
                         or self.reached_max_steps()):
-                    rec = {'loss': loss.item(), **parts}
+                    rec = {'loss': loss.item(), **{k: float(v) for k, v in parts.items()}}
                     bar.set_postfix({k: f'{v:.4g}' for k, v in rec.items()})
                     lrs = {('lr' if k == 'weights' else f'{k}_lr'): o.param_groups[0]['lr'] for k, o in self.optimizers.items()}
                     self.log.write(kind='step', epoch=self.epoch, step=self.global_step, **rec, **lrs)
