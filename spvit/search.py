@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from . import data as D
 from .arch import Architecture
-from .checkpoint import atomic_save, load_file, supernet_record
+from .checkpoint import SEARCH_FORMAT, atomic_save, load_file, supernet_record
 from .config import ConfigError, field, parse_config
 from .errors import CheckpointError
 from .models import create_model
@@ -26,7 +26,6 @@ from .runtime import autocast
 from .supernet import SuperNet, attach_search_space
 from .trainer import LAST, Trainer, resume_config
 
-SEARCH_FORMAT = 'spvit-search'
 STATE_FORMAT = 'spvit-search-state'
 RUN_FILES = (LAST, 'search-final.pth', 'log.jsonl', 'config.yaml', 'arch.yaml')
 
