@@ -94,11 +94,14 @@ def _mlp_state(slot: MlpSlot, kept: Tensor) -> Dict[str, Tensor]:
 
 
 def hybrid_state_dict(supernet: SuperNet, arch: Architecture, kept: Sequence[Tensor]) -> Dict[str, Tensor]:
-    """The exported model's state dict: the supernet's own weights outside the slots, and each
-    slot's exported weights under the slot's name."""
+    """The exported model's state dict: the supernet's own weights outside the slots (less the
+    attention pre-norm of skipped blocks, which the hybrid drops), and each slot's exported weights
+    under the slot's name."""
     names = {id(m): n for n, m in supernet.model.named_modules()}
-    slot_prefixes = tuple(names[id(s)] + '.' for pair in zip(supernet.attn_slots, supernet.mlp_slots) for s in pair)
-    state = {k: v.detach() for k, v in supernet.model.state_dict().items() if not k.startswith(slot_prefixes)}
+    dropped = [names[id(s)] + '.' for pair in zip(supernet.attn_slots, supernet.mlp_slots) for s in pair]
+    dropped += [names[id(a)].rsplit('.', 1)[0] + '.norm1.' for a, b in zip(supernet.attn_slots, arch.blocks)
+                if b.attn == 'skip']
+    state = {k: v.detach() for k, v in supernet.model.state_dict().items() if not k.startswith(tuple(dropped))}
     for b, a, m, idx in zip(arch.blocks, supernet.attn_slots, supernet.mlp_slots, kept):
         state.update({f'{names[id(a)]}.{k}': v for k, v in ATTENTION_EXPORTERS[b.attn](a).items()})
         state.update({f'{names[id(m)]}.{k}': v for k, v in _mlp_state(m, idx).items()})

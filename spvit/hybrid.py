@@ -135,8 +135,9 @@ def mlp_widths(model: nn.Module) -> List[int]:
 
 def hybridize(model: nn.Module, arch: Architecture) -> nn.Module:
     """Give an unmodified timm model the structure of ``arch``, in place: attention modules
-    replaced per op, MLPs shrunk to their kept width. Weights of replaced parts are random; the
-    exporter and ``load_pruned`` fill them from a state dict."""
+    replaced per op (a skipped block loses its attention pre-norm as well, which nothing would
+    read), MLPs shrunk to their kept width. Weights of replaced parts are random; the exporter and
+    ``load_pruned`` fill them from a state dict."""
     from timm.layers import Attention
     from timm.models.swin_transformer import WindowAttention
     blocks = layout(model)
@@ -145,6 +146,8 @@ def hybridize(model: nn.Module, arch: Architecture) -> nn.Module:
         if type(blk.attn) not in (Attention, WindowAttention):
             raise UnsupportedModelError(f'block {i}: {type(blk.attn).__name__} is not a timm attention (already hybrid?)')
         blk.attn = ATTENTION_BUILDERS[b.attn](blk.attn, grid, npt)
+        if b.attn == 'skip':        # the whole attention branch goes, its pre-norm too
+            blk.norm1 = nn.Identity()
         if b.mlp_hidden != blk.mlp.fc1.out_features:
             prune_mlp(blk.mlp, b.mlp_hidden)
     return model

@@ -65,12 +65,14 @@ def test_plain_modules_and_parameter_count(case):
     assert not any(n.startswith('spvit.slots') or n.startswith('spvit.supernet') for n in
                    {type(m).__module__ for m in model.modules()})
     # exactly what the pruned modules need: the original minus the blocks' attention and MLPs, plus
-    # Conv2d(d->hd, k x k) + Linear(hd->d) per conv block and d->m->d per MLP
+    # Conv2d(d->hd, k x k) + Linear(hd->d) per conv block and d->m->d per MLP; a skipped block also
+    # loses its attention pre-norm
     d, hd = original.embed_dim, original.blocks[0].attn.head_dim
     need = _params(original) - sum(_params(blk.attn) + _params(blk.mlp) for blk in original.blocks)
     for b, blk in zip(case.arch.blocks, original.blocks):
         k = {'conv1x1': 1, 'conv3x3': 3}.get(b.attn)
-        need += {'skip': 0, 'msa': _params(blk.attn)}.get(b.attn, 0) if k is None else d * hd * k * k + hd + hd * d + d
+        need += {'skip': -_params(blk.norm1), 'msa': _params(blk.attn)}.get(b.attn, 0) if k is None \
+            else d * hd * k * k + hd + hd * d + d
         need += d * b.mlp_hidden + b.mlp_hidden + b.mlp_hidden * d + d
     assert _params(model) == need
 
@@ -213,3 +215,18 @@ def test_runtime_modules_import_no_search_code(module):
     tree = ast.parse(open(path).read())
     imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 1}
     assert not imported & {'gates', 'slots', 'supernet', 'mixing', 'export'}
+
+
+def test_every_exported_parameter_is_used():
+    """What DDP needs of a fine-tuned hybrid (and what 'the parameter count is what inference uses'
+    means): every parameter gets a gradient, also in skipped blocks (their pre-norm is gone)."""
+    from conftest import supernet_and_original
+    from spvit.export import to_hybrid
+    supernet, _ = supernet_and_original('vit_tiny_patch16_224', **SMALL)
+    arch, kept = random_arch(supernet, 0)
+    assert 'skip' in {b.attn for b in arch.blocks}
+    supernet.pin(arch, kept)
+    model = to_hybrid(supernet).train()
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    unused = [n for n, p in model.named_parameters() if p.grad is None]
+    assert unused == []
