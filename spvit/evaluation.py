@@ -14,6 +14,7 @@ from .flops import measure_flops
 from .models import create_model
 from .options import DataOptions, ModelOptions
 from .pruned import read_pruned
+from .report import count_params
 from .runtime import Dist, evaluate, resolve_device
 
 
@@ -64,7 +65,7 @@ def run_eval(cfg: EvalConfig) -> Dict[str, Any]:
     return {
         'model': cfg.pruned or cfg.model, 'top1': metrics['top1'], 'top5': metrics['top5'], 'loss': metrics['loss'],
         'images': metrics['count'], 'images_per_s': metrics['count'] / seconds, 'flops': flops,
-        'gflops': flops / 1e9, 'params': sum(p.numel() for p in model.parameters()), 'device': str(device),
+        'gflops': flops / 1e9, 'params': count_params(model), 'device': str(device),
     }
 
 

@@ -82,9 +82,7 @@ class AttentionSlot(nn.Module):
 
     def _prefix_zero(self, patch_out: torch.Tensor) -> torch.Tensor:
         """Prefix tokens get no attention update under conv ops."""
-        B, _, C = patch_out.shape
-        zeros = patch_out.new_zeros(B, self.num_prefix_tokens, C)
-        return torch.cat([zeros, patch_out], dim=1)
+        return F.pad(patch_out, (0, 0, self.num_prefix_tokens, 0))
 
     # --- forward ---
 
@@ -105,7 +103,7 @@ class AttentionSlot(nn.Module):
         w3 = (mix.sum(1) * c3)[:, None]
         w1 = (mix[:, CENTER] * c1)[:, None]
         conv = (z3[:, :, None] * w3 + z1[:, :, None] * w1).flatten(2)          # (B, P, d)
-        out = F.linear(a * c_msa + F.pad(conv, (0, 0, self.num_prefix_tokens, 0)), self.proj.weight)
+        out = F.linear(a * c_msa + self._prefix_zero(conv), self.proj.weight)
         b = self.proj.bias
         if b is not None:   # prefix tokens get the bias only from msa
             out = out + torch.cat([(b * c_msa).expand(self.num_prefix_tokens, -1),
