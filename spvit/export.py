@@ -16,7 +16,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights
 from .arch import Architecture
 from .checkpoint import SEARCH_FORMAT, load_file, supernet_from_record
 from .errors import ArchitectureError, CheckpointError
-from .hybrid import hybridize, mlp_widths
+from .hybrid import check_token_path, hybridize, mlp_widths
 from .mixing import CENTER, conv3x3_weight, head_mixing, mix_output, mix_value
 from .models import create_model
 from .pruned import PrunedModel, plain_data_config
@@ -156,6 +156,7 @@ def build_from_arch(
     model_kwargs = dict(model_kwargs or {})
     model = create_model(model_name, model_kwargs, checkpoint=checkpoint)
     arch.validate(mlp_widths(model))                 # before the (slower) attach
+    check_token_path(model, arch)
     arch = Architecture(model=model_name, model_kwargs=model_kwargs, blocks=list(arch.blocks))
     supernet = attach_search_space(model, model_name=model_name, model_kwargs=model_kwargs)
     supernet.pin(arch)

@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .arch import Architecture
-from .errors import UnsupportedModelError
+from .errors import ArchitectureError, UnsupportedModelError
 
 
 class ConvAttention(nn.Module):
@@ -133,6 +133,21 @@ def mlp_widths(model: nn.Module) -> List[int]:
     return [blk.mlp.fc1.out_features for blk, _, _ in layout(model)]
 
 
+def classifies_from_prefix_tokens(model: nn.Module) -> bool:
+    """Whether the head reads only prefix tokens (class-token pooling, DeiT's distillation token).
+    Conv ops and skip leave prefix tokens unchanged, so such a model sees the image only through
+    the blocks that keep msa."""
+    return getattr(model, 'global_pool', None) == 'token' and getattr(model, 'num_prefix_tokens', 0) > 0
+
+
+def check_token_path(model: nn.Module, arch: Architecture) -> None:
+    """Refuse an architecture that gives a class-token model no path from the patches to its head."""
+    if classifies_from_prefix_tokens(model) and not any(b.attn == 'msa' for b in arch.blocks):
+        raise ArchitectureError(f'no block of the architecture keeps msa, but {arch.model} classifies from its class '
+                                'token, which conv ops and skip never update: the head would not see the image. '
+                                'Keep msa in at least one block (or use a model with global_pool=avg)')
+
+
 def hybridize(model: nn.Module, arch: Architecture) -> nn.Module:
     """Give an unmodified timm model the structure of ``arch``, in place: attention modules
     replaced per op (a skipped block loses its attention pre-norm as well, which nothing would
@@ -142,6 +157,7 @@ def hybridize(model: nn.Module, arch: Architecture) -> nn.Module:
     from timm.models.swin_transformer import WindowAttention
     blocks = layout(model)
     arch.validate([blk.mlp.fc1.out_features for blk, _, _ in blocks])
+    check_token_path(model, arch)
     for i, ((blk, grid, npt), b) in enumerate(zip(blocks, arch.blocks)):
         if type(blk.attn) not in (Attention, WindowAttention):
             raise UnsupportedModelError(f'block {i}: {type(blk.attn).__name__} is not a timm attention (already hybrid?)')
@@ -153,4 +169,5 @@ def hybridize(model: nn.Module, arch: Architecture) -> nn.Module:
     return model
 
 
-__all__ = ['ConvAttention', 'NoAttention', 'ATTENTION_BUILDERS', 'prune_mlp', 'mlp_widths', 'layout', 'hybridize']
+__all__ = ['ConvAttention', 'NoAttention', 'ATTENTION_BUILDERS', 'prune_mlp', 'mlp_widths', 'layout', 'hybridize',
+           'classifies_from_prefix_tokens', 'check_token_path']

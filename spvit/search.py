@@ -17,12 +17,14 @@ from tqdm import tqdm
 
 from . import data as D
 from .arch import Architecture
+from .budget import BudgetSchedule, FlopsDrive, PerFlopGateStep, penalty
 from .checkpoint import SEARCH_FORMAT, atomic_save, load_file, supernet_record
 from .config import ConfigError, field, parse_config
 from .errors import CheckpointError
 from .models import create_model
 from .options import DataOptions, ModelOptions, TrainOptions
 from .runtime import autocast
+from .importance import init_from_importance, unit_fisher
 from .supernet import SuperNet, attach_search_space
 from .trainer import LAST, Trainer, resume_config
 
@@ -33,25 +35,36 @@ RUN_FILES = (LAST, 'search-final.pth', 'log.jsonl', 'config.yaml', 'arch.yaml')
 # ~12k steps) lets a logit move about 6-12; short searches get the same reach by default.
 ARCH_LR_REACH = 10.0
 PAPER_ARCH_LR = 5e-4
+# The per-flop update moves a gate by about the arch lr per step at most: a reach of 5 lets the
+# highest-ranked unit (theta0 + spread = 2.5) close with room to spare, without steps so large
+# that hundreds of units cross zero in one of them.
+PER_FLOP_REACH = 5.0
+GATE_MOMENTUM = 0.9
 
 
 @dataclass
 class SearchConfig(ModelOptions, DataOptions, TrainOptions):
     target_gflops: Optional[float] = field(None, 'FLOPs budget in GFLOPs')
     target_ratio: Optional[float] = field(None, "budget as a fraction of the original model's FLOPs")
-    loss_lambda: float = field(20.0, 'weight of the FLOPs penalty (for the relative form: the paper\'s lambda x T^2)')
-    flops_loss: str = field('relative', 'relative: ((F-T)/T)^2; absolute: (F-T)^2 in GFLOPs (the paper)',
-                            choices=('relative', 'absolute'))
+    loss_lambda: float = field(20.0, 'weight of the FLOPs penalty of --gate-update adamw (for the relative form: the '
+                               'paper\'s lambda x T^2)')
+    flops_loss: str = field('relative', 'penalty of --gate-update adamw: relative ((F-T)/T)^2; absolute (F-T)^2 in '
+                            'GFLOPs (the paper)', choices=('relative', 'absolute'))
     arch_lr: Optional[float] = field(None, f'gate learning rate (default: max({PAPER_ARCH_LR}, {ARCH_LR_REACH:g} / planned steps))')
     settle_fraction: float = field(0.1, 'final fraction of the planned steps in which the attention ops are frozen and '
                                    'only the MLP units move, to meet the budget in fine steps (0: never)')
+    budget_ramp: float = field(0.75, 'fraction of the planned steps over which the FLOPs target falls linearly from the '
+                               "original model's FLOPs to the budget, so that a few gates close at a time (0: the paper)")
+    budget_integral: float = field(0.2, 'per-flop: time constant, as a fraction of the planned steps, of the integral '
+                                   'term that pushes the gates harder while the FLOPs stay above the target (0: off)')
+    gate_init: str = field('importance', 'importance: MLP gate logits start spread around theta0 by the rank of each '
+                           "unit's Fisher score; constant: all at theta0 (the paper)", choices=('importance', 'constant'))
+    gate_update: str = field('per-flop', 'per-flop: momentum SGD on gate gradients divided by their FLOPs and one '
+                             'running RMS, so steps follow each gate\'s gradient; adamw: AdamW per gate (the paper)',
+                             choices=('per-flop', 'adamw'))
+    importance_batches: int = field(8, 'training batches the Fisher scores of --gate-init importance are summed over')
     theta0: float = field(1.5, 'initial gate logit')
     alpha: float = field(0.01, 'head-assignment softmax temperature')
-
-
-def penalty(gflops: torch.Tensor, target: float, form: str) -> torch.Tensor:
-    """The FLOPs penalty: the paper's absolute (F - T)^2, or the scale-free ((F - T) / T)^2."""
-    return ((gflops - target) / target) ** 2 if form == 'relative' else (gflops - target) ** 2
 
 
 def resolve_target(cfg: SearchConfig, supernet: SuperNet) -> float:
@@ -72,6 +85,28 @@ def resolve_target(cfg: SearchConfig, supernet: SuperNet) -> float:
         raise ConfigError(f'target {target:.4f} GFLOPs is below the smallest reachable {smallest:.4f} GFLOPs '
                           '(every attention skipped, one hidden unit per MLP)')
     return target
+
+
+def importance_spread(theta0: float) -> float:
+    """Ranked gate logits span [0.1, 2 theta0 - 0.1]: the least important units start just above
+    the threshold, so the first ones close as soon as the target starts to fall."""
+    return max(0.0, theta0 - 0.1)
+
+
+def check_schedule(cfg: SearchConfig) -> None:
+    for name in ('settle_fraction', 'budget_ramp', 'budget_integral'):
+        value = getattr(cfg, name)
+        if not 0 <= value < 1:
+            raise ConfigError(f'--{name.replace("_", "-")} must be in [0, 1), got {value}')
+    if cfg.budget_ramp + cfg.settle_fraction > 1:
+        raise ConfigError(f'--budget-ramp {cfg.budget_ramp} and --settle-fraction {cfg.settle_fraction} add up to more '
+                          'than the whole search: the attention ops would freeze before the target is reached')
+    if cfg.importance_batches < 1:
+        raise ConfigError(f'--importance-batches must be at least 1, got {cfg.importance_batches}')
+    if cfg.arch_lr is not None and not cfg.arch_lr > 0:
+        raise ConfigError(f'--arch-lr must be positive, got {cfg.arch_lr}')
+    if not cfg.loss_lambda > 0:
+        raise ConfigError(f'--loss-lambda must be positive, got {cfg.loss_lambda}')
 
 
 def weight_param_groups(supernet: SuperNet, weight_decay: float) -> List[Dict[str, Any]]:
@@ -122,17 +157,52 @@ class SearchTrainer(Trainer):
 
     def build_optimizers(self):
         cfg = self.cfg
+        check_schedule(cfg)
+        original = self.supernet.original_flops / 1e9
+        self.schedule = BudgetSchedule(original, self.target, self.total_steps, ramp=cfg.budget_ramp)
+        self.drive = self.gate_step = None
+        if cfg.gate_update == 'per-flop':
+            self.drive = FlopsDrive(original, self.target, max(1.0, cfg.budget_integral * self.total_steps)
+                                    if cfg.budget_integral > 0 else 0.0)
+            self.gate_step = PerFlopGateStep(self.supernet.gate_costs())
         self.settle_from = int(round((1 - cfg.settle_fraction) * self.total_steps))
-        self.arch_lr = cfg.arch_lr if cfg.arch_lr is not None else max(PAPER_ARCH_LR, ARCH_LR_REACH / self.total_steps)
+        reach = PER_FLOP_REACH if cfg.gate_update == 'per-flop' else ARCH_LR_REACH
+        self.arch_lr = cfg.arch_lr if cfg.arch_lr is not None else max(PAPER_ARCH_LR, reach / self.total_steps)
+        gates = self.supernet.gate_parameters()
+        # per-flop: momentum as a running mean (dampening = momentum), so a step is lr x the normalised gradient
+        arch = (create_optimizer_v2(gates, opt='adamw', lr=self.arch_lr, weight_decay=0.0) if self.gate_step is None
+                else torch.optim.SGD(gates, lr=self.arch_lr, momentum=GATE_MOMENTUM, dampening=GATE_MOMENTUM))
         return {
             'weights': create_optimizer_v2(weight_param_groups(self.supernet, cfg.weight_decay), opt='adamw',
                                            lr=self.lr, weight_decay=cfg.weight_decay),
-            'arch': create_optimizer_v2(self.supernet.gate_parameters(), opt='adamw', lr=self.arch_lr, weight_decay=0.0),
+            'arch': arch,
         }
 
+    def after_setup(self) -> None:
+        if self.cfg.gate_init == 'importance' and not self.resuming:
+            init_from_importance(self.supernet, self._fisher_scores(), spread=importance_spread(self.cfg.theta0))
+
+    def _fisher_scores(self):
+        """Fisher scores of the MLP units over a few training batches (summed over processes)."""
+        cfg, d = self.cfg, self.dist
+        gen = torch.Generator().manual_seed(cfg.seed + 7919 * d.rank)
+        loader = torch.utils.data.DataLoader(self.train_set, batch_size=cfg.batch_size, shuffle=True, generator=gen,
+                                             num_workers=min(cfg.workers, 2))
+        batches = []
+        for x, y in loader:
+            batches.append((x.to(self.device), y.to(self.device)))
+            if len(batches) == cfg.importance_batches:
+                break
+        scores = unit_fisher(self.supernet, batches)
+        if d.enabled:
+            for s in scores:
+                torch.distributed.all_reduce(s)
+        return scores
+
     def banner(self) -> str:
+        ramp = f', target ramp over {self.schedule.ramp_steps:.0f} steps' if self.schedule.ramp_steps else ''
         return (f', arch lr {self.arch_lr:.3g}; original {self.supernet.original_flops / 1e9:.4f} GFLOPs, '
-                f'target {self.target:.4f}')
+                f'target {self.target:.4f}{ramp}; gates start {self.cfg.gate_init}, update {self.cfg.gate_update}')
 
     def resolved_config(self) -> Dict[str, Any]:
         return {**super().resolved_config(), 'arch_lr': self.arch_lr, 'target_gflops': self.target, 'target_ratio': None}
@@ -141,23 +211,46 @@ class SearchTrainer(Trainer):
         with autocast(self.device, self.cfg.amp):
             ce = self.criterion(self.net(x), y)
         gflops = self.supernet.flops()
-        pen = penalty(gflops, self.target, self.cfg.flops_loss)
-        loss = ce.float() + self.cfg.loss_lambda * pen
-        return loss, {'ce': ce.detach(), 'penalty': pen.detach(), 'gflops': gflops.detach(), 'target': self.target}
+        target = self.schedule.target(self.global_step)
+        parts = {'ce': ce.detach(), 'gflops': gflops.detach(), 'target': target}
+        if self.drive is None:      # the paper: the penalty is part of the loss
+            pen = self.cfg.loss_lambda * penalty(gflops, target, self.cfg.flops_loss, self.target)
+            return ce.float() + pen, {**parts, 'penalty': pen.detach()}
+        self._flops, self._drive = gflops, self.drive(gflops, target)
+        return ce.float(), {**parts, 'drive': self._drive}
+
+    def log_fields(self) -> Dict[str, Any]:
+        """The search's path: every block's op and open MLP units under the deterministic gates."""
+        arch = self.supernet.architecture()
+        return {'ops': [b.attn for b in arch.blocks], 'mlp_open': [b.mlp_hidden for b in arch.blocks]}
 
     def before_optimizer_step(self) -> None:
         if self.global_step >= self.settle_from:
-            for slot in self.supernet.attn_slots:      # AdamW skips parameters without a gradient
+            for slot in self.supernet.attn_slots:      # the optimisers skip parameters without a gradient
                 slot.gate_logits.grad = None
+        if self.gate_step is not None:
+            if self.scaler is not None:         # the drive is added to unscaled gradients
+                self.scaler.unscale_(self.optimizers['arch'])
+            self.gate_step.normalise(self.supernet.gate_parameters(), self._flops / (self.supernet.original_flops / 1e9))
+
+    def after_optimizer_step(self) -> None:
+        if self.gate_step is not None:
+            self.gate_step.drive(self._drive, self.optimizers['arch'].param_groups[0]['lr'])
+        self.supernet.keep_token_path()
 
     def model_state(self) -> Dict[str, Any]:
-        return {'supernet': supernet_record(self.supernet), 'target_gflops': self.target}
+        return {'supernet': supernet_record(self.supernet), 'target_gflops': self.target,
+                'drive': self.drive.state_dict() if self.drive is not None else None,
+                'gate_step': self.gate_step.state_dict() if self.gate_step is not None else None}
 
     def load_model_state(self, state: Dict[str, Any]) -> None:
         try:
             self.supernet.load_state_dict(state['supernet']['state_dict'])
         except RuntimeError as e:
             raise CheckpointError(f'resume checkpoint does not fit the model: {str(e).splitlines()[0]}') from None
+        if self.drive is not None and state.get('drive'):
+            self.drive.load_state_dict(state['drive'])
+            self.gate_step.load_state_dict(state['gate_step'])
 
     def evaluate(self, loader) -> Dict[str, float]:
         """The supernet under its deterministic gates, pinned so that only the chosen ops run."""
@@ -194,7 +287,7 @@ class SearchTrainer(Trainer):
         off = (achieved - self.target) / self.target
         print(f'search: done, {achieved:.4f} GFLOPs for a target of {self.target:.4f} ({off:+.1%}); '
               f'wrote {os.path.join(self.out, "search-final.pth")}', file=sys.stderr)
-        if abs(off) > 0.05:
+        if abs(off) > 0.02:
             print(f'search: warning: the searched architecture is {off:+.1%} off the FLOPs target; '
                   'search longer, or raise --loss-lambda or --arch-lr', file=sys.stderr)
 

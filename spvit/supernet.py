@@ -13,8 +13,9 @@ import torch.nn as nn
 
 from .arch import ATTN_OPS, Architecture, BlockArch
 from .errors import ArchitectureError, UnsupportedModelError
-from .flops import BlockDims, arch_flops, gated_block_flops, measure_flops, msa_block_flops
+from .flops import BlockDims, arch_flops, attn_flops, gated_block_flops, measure_flops, mlp_flops, msa_block_flops
 from .gates import deterministic_gates, penalty_attention_gates
+from .hybrid import classifies_from_prefix_tokens
 from .slots import AttentionSlot, MlpSlot, WindowAttentionSlot
 
 
@@ -160,9 +161,11 @@ class SuperNet(nn.Module):
             slots: Sequence[Tuple[AttentionSlot, MlpSlot]],
             theta0: float = 1.5,
             alpha: float = 0.01,
+            needs_msa: bool = False,
     ) -> None:
         super().__init__()
         self.model = model
+        self.needs_msa = needs_msa     # the head reads only prefix tokens: some block must keep msa
         self.theta0 = theta0
         self.alpha = alpha
         self.model_name = model_name
@@ -191,6 +194,16 @@ class SuperNet(nn.Module):
     def gate_parameters(self) -> List[nn.Parameter]:
         return [s.gate_logits for pair in self._slots for s in pair]
 
+    def gate_costs(self) -> List[torch.Tensor]:
+        """For each tensor of ``gate_parameters()``: the share of the original FLOPs each of its gates
+        controls (attention: conv1x1, conv3x3 - conv1x1, msa - conv3x3; MLP: one hidden unit)."""
+        costs = []
+        for b, (a, m) in zip(self.block_dims, self._slots):
+            f1, f3, fm = (attn_flops(b, op) for op in ATTN_OPS[1:])
+            costs.append(torch.tensor([f1, f3 - f1, fm - f3], dtype=torch.float64) / self.original_flops)
+            costs.append(torch.full((m.hidden_features,), mlp_flops(b, 1) / self.original_flops, dtype=torch.float64))
+        return [c.float() for c in costs]
+
     def weight_parameters(self) -> List[nn.Parameter]:
         gates = {id(p) for p in self.gate_parameters()}
         return [p for p in self.parameters() if id(p) not in gates]
@@ -208,8 +221,27 @@ class SuperNet(nn.Module):
         return arch_flops(self.block_dims, self.fixed_flops, arch)
 
     def min_flops(self) -> int:
-        """The cheapest reachable architecture: every block skip with one hidden unit."""
-        return arch_flops(self.block_dims, self.fixed_flops, self._uniform_arch('skip', 1))
+        """The cheapest reachable architecture: every block skip with one hidden unit (one block
+        msa if the head reads the class token)."""
+        arch = self.uniform_arch('skip', 1)
+        if self.needs_msa:
+            cheapest = min(range(len(self.block_dims)), key=lambda i: attn_flops(self.block_dims[i], 'msa'))
+            arch.blocks[cheapest] = BlockArch('msa', 1)
+        return arch_flops(self.block_dims, self.fixed_flops, arch)
+
+    def keep_token_path(self) -> None:
+        """If the head reads the class token and no block's gates keep msa, reopen the msa of the
+        block nearest to keeping it (a projection onto the architectures that can classify).
+        Runs on the device without a host sync."""
+        if not self.needs_msa:
+            return
+        logits = torch.stack([a.gate_logits.detach() for a in self.attn_slots])       # (blocks, 3)
+        nearest = logits.min(1).values
+        reopen = (nearest <= 0).all() & (torch.arange(len(logits), device=logits.device) == nearest.argmax())
+        fixed = torch.where(reopen[:, None], logits.clamp(min=1e-3), logits)
+        with torch.no_grad():
+            for a, row in zip(self.attn_slots, fixed):
+                a.gate_logits.copy_(row)
 
     # --- reading and pinning architectures ---
 
@@ -271,7 +303,7 @@ class SuperNet(nn.Module):
     def pinned(self) -> bool:
         return all(a.pinned_op is not None for a in self.attn_slots)
 
-    def _uniform_arch(self, op: str, hidden: Optional[int] = None) -> Architecture:
+    def uniform_arch(self, op: str, hidden: Optional[int] = None) -> Architecture:
         blocks = [BlockArch(op, hidden or b.hidden) for b in self.block_dims]
         return Architecture(model=self.model_name, model_kwargs=dict(self.model_kwargs), blocks=blocks)
 
@@ -300,4 +332,4 @@ def attach_search_space(
     adapter.attach(model, theta0, alpha)
     slots = [(blk.attn, blk.mlp) for blk in adapter.blocks(model)]
     return SuperNet(model, model_name, model_kwargs or {}, dims, total - msa_block_flops(dims), input_size, slots,
-                    theta0=theta0, alpha=alpha)
+                    theta0=theta0, alpha=alpha, needs_msa=classifies_from_prefix_tokens(model))

@@ -149,6 +149,10 @@ class Trainer:
     def after_optimizer_step(self) -> None:
         """Called after every optimiser step."""
 
+    def log_fields(self) -> Dict[str, Any]:
+        """Extra fields of each step record in log.jsonl (read only at log steps)."""
+        return {}
+
     def end_epoch(self, metrics: Dict[str, float], eval_loader) -> Dict[str, Any]:
         """Epoch-end work after evaluation; returns extra fields for the epoch log record."""
         return {}
@@ -253,7 +257,7 @@ class Trainer:
                     rec = {'loss': loss.item(), **{k: float(v) for k, v in parts.items()}}
                     bar.set_postfix({k: f'{v:.4g}' for k, v in rec.items()})
                     lrs = {('lr' if k == 'weights' else f'{k}_lr'): o.param_groups[0]['lr'] for k, o in self.optimizers.items()}
-                    self.log.write(kind='step', epoch=self.epoch, step=self.global_step, **rec, **lrs)
+                    self.log.write(kind='step', epoch=self.epoch, step=self.global_step, **rec, **lrs, **self.log_fields())
                 if flags[0] > 0:
                     self.save_last()
                     raise Interrupted(int(flags[0].item()))

@@ -1,0 +1,203 @@
+"""Search quality on real images: spvit's searched architecture against a uniform prune at equal
+FLOPs and equal training, on Fashion-MNIST, through the real tools.
+
+    python benchmarks/search_quality.py                       # ratios 0.6 0.45 0.3
+    python benchmarks/search_quality.py --ratios 0.45 --json
+
+Data: Fashion-MNIST through the demo's folder writer, 2000 training images per class, the whole
+10k test split as val/. The starting model is a ViT (vit_tiny_patch16_224 at img 32, patch 4,
+depth 6: embed 192, 3 heads, 65 tokens) trained here with tools/finetune.py and cached under
+--work; its last epoch is used, so no checkpoint is ever selected on the test split. Then per
+target ratio:
+
+- spvit: tools/search.py 1 epoch -> tools/export.py -> tools/finetune.py 1 epoch (soft
+  distillation from the original). "1 epoch" is the searched model's top-1 at the end of the
+  search (the search's own evaluation of its pinned supernet, which export reproduces exactly),
+  "2 epochs" after the fine-tune.
+- uniform: tools/export.py --arch with every block msa and every MLP keeping the same number of
+  units (the magnitude-kept ones), at the FLOPs of the target; fine-tuned 1 and 2 epochs with the
+  same recipe. Below the ratio where all-msa leaves no MLP budget there is no such baseline.
+
+Every number is the last epoch's top-1 on the 10k test images. Every search also reports how far
+it landed from its target and the largest GFLOPs move between two log steps, as a share of the
+original FLOPs (a cliff is a move over 5%).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+from typing import Any, Dict, List, Optional
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from spvit.demo import DATA, LIGHT_AUG, sh, tool  # noqa: E402
+from spvit.fashion_mnist import write_image_folder  # noqa: E402
+
+MODEL = ['--model', 'vit_tiny_patch16_224', '--model-kwargs', 'img_size=32', 'patch_size=4', 'depth=6']
+PRETRAIN = ['--epochs', '15', '--lr', '8e-3', '--warmup-epochs', '1']
+
+
+def finished(run_dir: str, epochs: int) -> bool:
+    """Whether a search/fine-tune run in ``run_dir`` ran all its epochs; a partial one is removed."""
+    import shutil
+    log = os.path.join(run_dir, 'log.jsonl')
+    if os.path.exists(log) and sum(json.loads(line)['kind'] == 'epoch' for line in open(log)) >= epochs:
+        return True
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return False
+
+
+def last_epoch(run_dir: str) -> Dict[str, Any]:
+    records = [json.loads(line) for line in open(os.path.join(run_dir, 'log.jsonl'))]
+    return [r for r in records if r['kind'] == 'epoch'][-1]
+
+
+def step_records(run_dir: str) -> List[Dict[str, Any]]:
+    return [r for r in (json.loads(line) for line in open(os.path.join(run_dir, 'log.jsonl'))) if r['kind'] == 'step']
+
+
+def uniform_arch(checkpoint: str, ratio: float, path: str) -> Optional[Dict[str, Any]]:
+    """Every block msa, every MLP the same width, at the FLOPs closest to ``ratio`` of the original;
+    None where all-msa alone costs more than that."""
+    import torch
+    from spvit import Architecture, BlockArch, attach_search_space
+    from spvit.flops import mlp_flops
+    from spvit.models import create_model
+    name, kwargs = MODEL[1], {'img_size': 32, 'patch_size': 4, 'depth': 6, 'num_classes': 10}
+    with torch.no_grad():
+        supernet = attach_search_space(create_model(name, kwargs, checkpoint=checkpoint), model_name=name,
+                                       model_kwargs=kwargs)
+    target = ratio * supernet.original_flops
+    all_msa = supernet.arch_flops(supernet.uniform_arch('msa', 1)) - sum(mlp_flops(b, 1) for b in supernet.block_dims)
+    hidden = round((target - all_msa) / sum(mlp_flops(b, 1) for b in supernet.block_dims))
+    if hidden < 1:
+        return None
+    arch = Architecture(name, [BlockArch('msa', min(hidden, b.hidden)) for b in supernet.block_dims], kwargs)
+    arch.save(path)
+    return {'hidden': hidden, 'gflops': supernet.arch_flops(arch) / 1e9, 'original_gflops': supernet.original_flops / 1e9}
+
+
+def run_ratio(ratio: float, data: str, work: str, start: str, common: List[str], lr: str) -> Dict[str, Any]:
+    out = os.path.join(work, f'ratio{ratio:g}')
+    os.makedirs(out, exist_ok=True)
+    ft = ['--lr', lr, '--warmup-epochs', '0', '--distill', 'soft', '--teacher', 'original']
+    result: Dict[str, Any] = {'ratio': ratio}
+
+    search = os.path.join(out, 'search')
+    if not finished(search, 1):
+        sh([*tool('search.py'), *MODEL, *common, '--checkpoint', start, '--output-dir', search, '--target-ratio',
+            str(ratio), '--epochs', '1', '--lr', lr])
+    import torch
+    final = torch.load(os.path.join(search, 'search-final.pth'), map_location='cpu', weights_only=True)
+    steps = step_records(search)
+    moves = [abs(a['gflops'] - b['gflops']) for a, b in zip(steps, steps[1:])]
+    pruned = os.path.join(out, 'spvit.pth')
+    if not os.path.exists(pruned) or os.path.getmtime(pruned) < os.path.getmtime(os.path.join(search, 'search-final.pth')):
+        sh([*tool('export.py'), '--search', os.path.join(search, 'search-final.pth'), '--output', pruned])
+    ft_dir = os.path.join(out, 'spvit-finetune')
+    if not finished(ft_dir, 1):
+        sh([*tool('finetune.py'), '--pruned', pruned, *common, '--output-dir', ft_dir, '--epochs', '1', *ft])
+    result['spvit'] = {
+        'gflops': final['achieved_gflops'], 'target_gflops': final['target_gflops'],
+        'off_target': final['achieved_gflops'] / final['target_gflops'] - 1,
+        'max_move': max(moves, default=0.0) / final['original_gflops'],
+        'top1_1': last_epoch(search)['val_top1'], 'top1_2': last_epoch(ft_dir)['val_top1'],
+        'arch': final['arch']['blocks'],
+    }
+
+    arch_file = os.path.join(out, 'uniform-arch.yaml')
+    uni = uniform_arch(start, ratio, arch_file)
+    if uni is None:
+        result['uniform'] = None
+        return result
+    base = os.path.join(out, 'uniform.pth')
+    if not os.path.exists(base):
+        sh([*tool('export.py'), '--arch', arch_file, '--checkpoint', start, '--output', base])
+    top1 = {}
+    for epochs in (1, 2):
+        d = os.path.join(out, f'uniform-finetune{epochs}')
+        if not finished(d, epochs):
+            sh([*tool('finetune.py'), '--pruned', base, *common, '--output-dir', d, '--epochs', str(epochs), *ft])
+        top1[epochs] = last_epoch(d)['val_top1']
+    result['uniform'] = {'gflops': uni['gflops'], 'hidden': uni['hidden'], 'top1_1': top1[1], 'top1_2': top1[2]}
+    return result
+
+
+def arch_text(blocks: List[Dict[str, Any]]) -> str:
+    short = {'msa': 'A', 'conv3x3': 'C3', 'conv1x1': 'C1', 'skip': 'S'}
+    return ' '.join(f"{short[b['attn']]}/{b['mlp_hidden']}" for b in blocks)
+
+
+def table(start: Dict[str, Any], results: List[Dict[str, Any]]) -> str:
+    lines = [f"original: {start['gflops']:.4f} GFLOPs, top-1 {start['top1']:.2f}% (10k Fashion-MNIST test images)",
+             '',
+             '| ratio | method | GFLOPs | off target | max move | top-1, 1 epoch | top-1, 2 epochs | architecture (op/MLP units) |',
+             '|---|---|---|---|---|---|---|---|']
+    for r in results:
+        s = r['spvit']
+        lines.append(f"| {r['ratio']:g} | spvit | {s['gflops']:.4f} | {s['off_target']:+.1%} | {s['max_move']:.1%} | "
+                     f"{s['top1_1']:.2f} | {s['top1_2']:.2f} | {arch_text(s['arch'])} |")
+        u = r['uniform']
+        if u is None:
+            lines.append(f"| {r['ratio']:g} | uniform | - | - | - | - | - | all-msa costs more than the budget |")
+        else:
+            lines.append(f"| {r['ratio']:g} | uniform | {u['gflops']:.4f} | | | {u['top1_1']:.2f} | {u['top1_2']:.2f} | "
+                         f"A/{u['hidden']} in every block |")
+    lines.append('')
+    lines.append('A = msa, C3 = conv3x3, C1 = conv1x1, S = skip; max move: largest GFLOPs change between two log '
+                 'steps of the search, as a share of the original FLOPs.')
+    return '\n'.join(lines)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument('--ratios', type=float, nargs='+', default=[0.6, 0.45, 0.3], help='FLOPs target ratios')
+    p.add_argument('--work', default='runs/search_quality', help='where data, the starting model and the runs go '
+                   '(finished steps are reused; delete a folder to run it again)')
+    p.add_argument('--train-per-class', type=int, default=2000, help='Fashion-MNIST training images per class')
+    p.add_argument('--batch-size', type=int, default=128)
+    p.add_argument('--lr', default='2e-3', help='weight learning rate of search and fine-tunes (per 512 images)')
+    p.add_argument('--json', action='store_true', help='print one JSON object instead of the table')
+    args = p.parse_args(argv)
+    if any(not 0 < r < 1 for r in args.ratios):
+        p.error('--ratios must lie in (0, 1)')
+    if args.train_per_class < 1 or args.batch_size < 1:
+        p.error('--train-per-class and --batch-size must be at least 1')
+    data = os.path.join(args.work, 'data')
+    write_image_folder(data, os.path.join(args.work, 'cache'), args.train_per_class, 1000)
+    common = ['--data-dir', data, *DATA, *LIGHT_AUG, '--batch-size', str(args.batch_size)]
+
+    pre = os.path.join(args.work, 'pretrain')
+    key = shlex.join([*MODEL, *DATA, *LIGHT_AUG, '--batch-size', str(args.batch_size), *PRETRAIN,
+                      '--train-per-class', str(args.train_per_class)])
+    stamp = os.path.join(pre, 'command.txt')
+    if not (os.path.exists(stamp) and open(stamp).read() == key and finished(pre, int(PRETRAIN[1]))):
+        import shutil
+        shutil.rmtree(pre, ignore_errors=True)
+        sh([*tool('finetune.py'), *MODEL, *common, '--output-dir', pre, *PRETRAIN])
+        with open(stamp, 'w') as f:
+            f.write(key)
+    start = os.path.join(pre, 'last.pth')
+    import torch
+    payload = torch.load(start, map_location='cpu', weights_only=True)
+    info = {'top1': last_epoch(pre)['val_top1'], 'gflops': payload['provenance'].get('achieved_gflops')}
+    if info['gflops'] is None:
+        from spvit.flops import measure_flops
+        from spvit.pruned import read_pruned
+        info['gflops'] = measure_flops(read_pruned(start).model, (3, 32, 32))[0] / 1e9
+    if info['top1'] < 88:
+        print(f'warning: the starting model reached {info["top1"]:.2f}% (< 88%)', file=sys.stderr)
+
+    results = [run_ratio(r, data, args.work, start, common, args.lr) for r in args.ratios]
+    report = {'original': info, 'results': results}
+    with open(os.path.join(args.work, 'results.json'), 'w') as f:
+        json.dump(report, f, indent=2)
+    print(json.dumps(report) if args.json else '\n' + table(info, results))
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
