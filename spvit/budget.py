@@ -48,20 +48,19 @@ class FlopsDrive:
     """How hard to push every gate towards closing, in units of the gate learning rate per step.
 
     u = clip(gain * e + I, -limit, limit), I <- clip(I + gain * e / integral_steps, -limit, limit),
-    with e = (F - target) / (original - goal) the error as a fraction of the whole reduction. The
+    with e = (F - target) / goal: 5% off the goal pushes at full speed without the integral. The
     bounds keep the closing speed finite (no cliff); the integral stands still while the P term
     alone saturates, so it does not wind up while the gates travel towards zero.
     """
 
-    def __init__(self, original: float, goal: float, integral_steps: float, gain: float = 10.0,
-                 limit: float = 2.0) -> None:
-        self.span = float(original) - float(goal)
+    def __init__(self, goal: float, integral_steps: float, gain: float = 20.0, limit: float = 2.0) -> None:
+        self.goal = float(goal)
         self.integral_steps = float(integral_steps)
         self.gain, self.limit = gain, limit
         self.integral = torch.zeros(())      # on the device once used: read without a host sync
 
     def __call__(self, gflops: torch.Tensor, target: float) -> torch.Tensor:
-        e = (gflops.detach() - target) / self.span
+        e = (gflops.detach() - target) / self.goal
         p = self.gain * e
         if self.integral_steps > 0:     # integrate only while the P term alone does not saturate
             grown = (self.integral.to(e) + p / self.integral_steps).clamp(-self.limit, self.limit)

@@ -16,20 +16,18 @@ from typing import Any, Dict, Optional, Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from timm.optim import create_optimizer_v2
-from timm.task.distillation import DistillationTeacher, LogitDistillationTask
-from timm.task.token_distillation import TokenDistillationTask
 from timm.utils import ModelEmaV3
 
 from . import data as D
 from .arch import Architecture
 from .checkpoint import load_file
 from .config import ConfigError, field, parse_config
+from .distillation import distillation_task, prepare_teacher
 from .errors import CheckpointError
 from .compare import full_architecture
 from .models import create_model
-from .options import DataOptions, ModelOptions, TrainOptions
+from .options import DataOptions, DistillOptions, ModelOptions, TrainOptions
 from .pruned import PRUNED_FORMAT, PrunedModel, plain_data_config, read_pruned
 from .runtime import autocast, evaluate
 from .trainer import Trainer, resume_config
@@ -38,14 +36,10 @@ LAST, BEST = 'last.pth', 'best.pth'
 
 
 @dataclass
-class FinetuneConfig(ModelOptions, DataOptions, TrainOptions):
+class FinetuneConfig(ModelOptions, DataOptions, TrainOptions, DistillOptions):
     pruned: Optional[str] = field(None, 'exported spvit checkpoint to fine-tune (without it: the unpruned --model)')
-    distill: str = field('none', 'distillation from a teacher: none, soft (KL at --distill-tau) or hard (DeiT)',
-                         choices=('none', 'soft', 'hard'))
     teacher: str = field('original', "'original' (the weights the search started from) or a checkpoint path")
     teacher_model: Optional[str] = field(None, 'timm model of a --teacher checkpoint (default: the student\'s)')
-    distill_alpha: float = field(0.5, 'weight of the distillation term; the task loss gets 1 - alpha')
-    distill_tau: float = field(1.0, 'soft distillation temperature')
     model_ema: bool = field(False, 'keep an EMA of the weights (timm ModelEmaV3) and evaluate it too')
     model_ema_decay: float = field(0.99996, 'EMA decay')
     # DeiT fine-tuning defaults
@@ -53,20 +47,6 @@ class FinetuneConfig(ModelOptions, DataOptions, TrainOptions):
     min_lr: float = field(1e-5, 'cosine schedule floor')
     warmup_epochs: int = field(5, 'linear warm-up epochs')
     epochs: int = field(30, 'fine-tuning epochs (the paper: about 130 on ImageNet)')
-
-
-class HardLogitDistillationTask(LogitDistillationTask):
-    """DeiT's hard-label distillation for a student without a distillation head:
-    (1 - alpha) * task loss + alpha * CE(student, argmax teacher)."""
-
-    def forward(self, input: torch.Tensor, target: torch.Tensor) -> Dict[str, torch.Tensor]:
-        student_logits = self.trainable_module(input)
-        task_loss = self.criterion(student_logits, target)
-        with torch.no_grad():
-            teacher_logits = self.teacher(self.teacher.normalize_input(input, self.student_mean, self.student_std))
-        kd_loss = F.cross_entropy(student_logits, teacher_logits.argmax(dim=-1))
-        return {'loss': self.task_loss_weight * task_loss + self.distill_loss_weight * kd_loss,
-                'output': student_logits, 'task_loss': task_loss, 'kd_loss': kd_loss}
 
 
 class FinetuneTrainer(Trainer):
@@ -129,13 +109,7 @@ class FinetuneTrainer(Trainer):
             teacher = create_model(name, base, checkpoint=cfg.teacher, num_classes=self.num_classes)
         if getattr(teacher, 'num_classes', self.num_classes) != self.num_classes:
             raise ConfigError(f'the teacher has {teacher.num_classes} classes, the student {self.num_classes}')
-        if hasattr(teacher, 'set_distilled_training'):
-            teacher.set_distilled_training(False)
-        # The teacher sees the student's inputs as they are: same data pipeline.
-        teacher.pretrained_cfg = {**(getattr(teacher, 'pretrained_cfg', None) or {}),
-                                  'mean': tuple(data_config['mean']), 'std': tuple(data_config['std'])}
-        teacher.requires_grad_(False)
-        return teacher.eval()
+        return prepare_teacher(teacher, data_config)
 
     def build_optimizers(self):
         return {'weights': create_optimizer_v2(self.model, opt='adamw', lr=self.lr, weight_decay=self.cfg.weight_decay)}
@@ -147,15 +121,8 @@ class FinetuneTrainer(Trainer):
 
     def _distillation_task(self) -> nn.Module:
         cfg = self.cfg
-        teacher = DistillationTeacher(self.teacher.to(self.device), device=self.device)
-        common = dict(student_model=self.net, teacher_model=teacher, criterion=self.criterion,
-                      task_loss_weight=1.0 - cfg.distill_alpha, distill_loss_weight=cfg.distill_alpha,
-                      device=self.device, verbose=False)
-        if hasattr(self.model, 'set_distilled_training'):
-            return TokenDistillationTask(distill_type=cfg.distill, temperature=cfg.distill_tau, **common)
-        if cfg.distill == 'soft':
-            return LogitDistillationTask(temperature=cfg.distill_tau, **common)
-        return HardLogitDistillationTask(**common)
+        return distillation_task(self.net, self.teacher, self.criterion, cfg.distill, cfg.distill_alpha, cfg.distill_tau,
+                                 self.device, token_student=hasattr(self.model, 'set_distilled_training'))
 
     def compute_loss(self, x, y):
         with autocast(self.device, self.cfg.amp):

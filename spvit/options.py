@@ -60,3 +60,11 @@ class TrainOptions:
     ckpt_every: int = field(0, 'also write checkpoint-last.pth every N steps (0: each epoch only)')
     log_every: int = field(10, 'steps between log.jsonl records')
     eval_batch_size: Optional[int] = field(None, 'eval batch size (default: 2 x batch size)')
+
+
+@dataclass
+class DistillOptions:
+    distill: str = field('none', 'distillation from a teacher: none, soft (KL at --distill-tau) or hard (DeiT)',
+                         choices=('none', 'soft', 'hard'))
+    distill_alpha: float = field(0.5, 'weight of the distillation term; the task loss gets 1 - alpha')
+    distill_tau: float = field(1.0, 'soft distillation temperature')

@@ -6,6 +6,7 @@ writes a file, keeps ``checkpoint-last.pth`` resumable to the exact step, and le
 """
 from __future__ import annotations
 
+import copy
 import os
 import sys
 from dataclasses import dataclass
@@ -20,11 +21,12 @@ from .arch import Architecture
 from .budget import BudgetSchedule, FlopsDrive, PerFlopGateStep, penalty
 from .checkpoint import SEARCH_FORMAT, atomic_save, load_file, supernet_record
 from .config import ConfigError, field, parse_config
+from .distillation import distillation_task, prepare_teacher
 from .errors import CheckpointError
+from .importance import gate_fisher, init_from_importance
 from .models import create_model
-from .options import DataOptions, ModelOptions, TrainOptions
+from .options import DataOptions, DistillOptions, ModelOptions, TrainOptions
 from .runtime import autocast
-from .importance import init_from_importance, unit_fisher
 from .supernet import SuperNet, attach_search_space
 from .trainer import LAST, Trainer, resume_config
 
@@ -43,7 +45,7 @@ GATE_MOMENTUM = 0.9
 
 
 @dataclass
-class SearchConfig(ModelOptions, DataOptions, TrainOptions):
+class SearchConfig(ModelOptions, DataOptions, TrainOptions, DistillOptions):
     target_gflops: Optional[float] = field(None, 'FLOPs budget in GFLOPs')
     target_ratio: Optional[float] = field(None, "budget as a fraction of the original model's FLOPs")
     loss_lambda: float = field(20.0, 'weight of the FLOPs penalty of --gate-update adamw (for the relative form: the '
@@ -57,11 +59,14 @@ class SearchConfig(ModelOptions, DataOptions, TrainOptions):
                                "original model's FLOPs to the budget, so that a few gates close at a time (0: the paper)")
     budget_integral: float = field(0.2, 'per-flop: time constant, as a fraction of the planned steps, of the integral '
                                    'term that pushes the gates harder while the FLOPs stay above the target (0: off)')
-    gate_init: str = field('importance', 'importance: MLP gate logits start spread around theta0 by the rank of each '
-                           "unit's Fisher score; constant: all at theta0 (the paper)", choices=('importance', 'constant'))
+    gate_init: str = field('importance', 'importance: the logits of MLP units and msa gates start spread around theta0 '
+                           'by the rank of their Fisher score per FLOP; constant: all at theta0 (the paper)',
+                           choices=('importance', 'constant'))
     gate_update: str = field('per-flop', 'per-flop: momentum SGD on gate gradients divided by their FLOPs and one '
                              'running RMS, so steps follow each gate\'s gradient; adamw: AdamW per gate (the paper)',
                              choices=('per-flop', 'adamw'))
+    land: bool = field(True, 'after the last step, open or close the MLP units nearest to their threshold until the '
+                       'FLOPs are on the target (within one unit)')
     importance_batches: int = field(8, 'training batches the Fisher scores of --gate-init importance are summed over')
     theta0: float = field(1.5, 'initial gate logit')
     alpha: float = field(0.01, 'head-assignment softmax temperature')
@@ -150,8 +155,15 @@ class SearchTrainer(Trainer):
         model = create_model(cfg.model, kwargs, pretrained=cfg.pretrained and not self.resuming,
                              checkpoint=None if self.resuming else cfg.checkpoint, num_classes=self.num_classes)
         data_config = D.data_config(model, cfg.img_size, cfg.crop_pct, cfg.interpolation, cfg.mean, cfg.std)
+        # the teacher of --distill: the model the search starts from, frozen (on resume: loaded again)
+        self.teacher = None
+        if cfg.distill != 'none':
+            teacher = (create_model(cfg.model, kwargs, pretrained=cfg.pretrained, checkpoint=cfg.checkpoint,
+                                    num_classes=self.num_classes) if self.resuming else copy.deepcopy(model))
+            self.teacher = prepare_teacher(teacher, data_config)
         self.supernet = attach_search_space(model, theta0=cfg.theta0, alpha=cfg.alpha, model_name=cfg.model,
                                             model_kwargs={**kwargs, 'num_classes': self.num_classes})
+        self.supernet.pretrained_cfg = {**(getattr(model, 'pretrained_cfg', None) or {}), **data_config}   # for distillation
         self.target = resolve_target(cfg, self.supernet)
         return self.supernet, data_config
 
@@ -162,10 +174,11 @@ class SearchTrainer(Trainer):
         self.schedule = BudgetSchedule(original, self.target, self.total_steps, ramp=cfg.budget_ramp)
         self.drive = self.gate_step = None
         if cfg.gate_update == 'per-flop':
-            self.drive = FlopsDrive(original, self.target, max(1.0, cfg.budget_integral * self.total_steps)
+            self.drive = FlopsDrive(self.target, max(1.0, cfg.budget_integral * self.total_steps)
                                     if cfg.budget_integral > 0 else 0.0)
             self.gate_step = PerFlopGateStep(self.supernet.gate_costs())
         self.settle_from = int(round((1 - cfg.settle_fraction) * self.total_steps))
+        self.landed = 0
         reach = PER_FLOP_REACH if cfg.gate_update == 'per-flop' else ARCH_LR_REACH
         self.arch_lr = cfg.arch_lr if cfg.arch_lr is not None else max(PAPER_ARCH_LR, reach / self.total_steps)
         gates = self.supernet.gate_parameters()
@@ -179,8 +192,12 @@ class SearchTrainer(Trainer):
         }
 
     def after_setup(self) -> None:
+        cfg = self.cfg
+        self.task = None if self.teacher is None else distillation_task(
+            self.net, self.teacher, self.criterion, cfg.distill, cfg.distill_alpha, cfg.distill_tau, self.device,
+            token_student=hasattr(self.supernet.model, 'set_distilled_training'))
         if self.cfg.gate_init == 'importance' and not self.resuming:
-            init_from_importance(self.supernet, self._fisher_scores(), spread=importance_spread(self.cfg.theta0))
+            init_from_importance(self.supernet, *self._fisher_scores(), spread=importance_spread(self.cfg.theta0))
 
     def _fisher_scores(self):
         """Fisher scores of the MLP units over a few training batches (summed over processes)."""
@@ -193,11 +210,11 @@ class SearchTrainer(Trainer):
             batches.append((x.to(self.device), y.to(self.device)))
             if len(batches) == cfg.importance_batches:
                 break
-        scores = unit_fisher(self.supernet, batches)
+        attn, mlp = gate_fisher(self.supernet, batches)
         if d.enabled:
-            for s in scores:
+            for s in attn + mlp:
                 torch.distributed.all_reduce(s)
-        return scores
+        return attn, mlp
 
     def banner(self) -> str:
         ramp = f', target ramp over {self.schedule.ramp_steps:.0f} steps' if self.schedule.ramp_steps else ''
@@ -209,10 +226,14 @@ class SearchTrainer(Trainer):
 
     def compute_loss(self, x, y):
         with autocast(self.device, self.cfg.amp):
-            ce = self.criterion(self.net(x), y)
+            if self.task is None:
+                ce, parts = self.criterion(self.net(x), y), {}
+            else:
+                out = self.task(x, y)
+                ce, parts = out['loss'], {'task_loss': out['task_loss'].detach(), 'kd_loss': out['kd_loss'].detach()}
         gflops = self.supernet.flops()
         target = self.schedule.target(self.global_step)
-        parts = {'ce': ce.detach(), 'gflops': gflops.detach(), 'target': target}
+        parts = {'ce': ce.detach(), **parts, 'gflops': gflops.detach(), 'target': target}
         if self.drive is None:      # the paper: the penalty is part of the loss
             pen = self.cfg.loss_lambda * penalty(gflops, target, self.cfg.flops_loss, self.target)
             return ce.float() + pen, {**parts, 'penalty': pen.detach()}
@@ -237,6 +258,8 @@ class SearchTrainer(Trainer):
         if self.gate_step is not None:
             self.gate_step.drive(self._drive, self.optimizers['arch'].param_groups[0]['lr'])
         self.supernet.keep_token_path()
+        if self.cfg.land and self.global_step + 1 == self.total_steps:     # the last planned step
+            self.landed = self.supernet.land_on(self.target * 1e9)
 
     def model_state(self) -> Dict[str, Any]:
         return {'supernet': supernet_record(self.supernet), 'target_gflops': self.target,
@@ -285,6 +308,9 @@ class SearchTrainer(Trainer):
             'config': self.resolved_config(),
         }, os.path.join(self.out, 'search-final.pth'))
         off = (achieved - self.target) / self.target
+        if self.landed:
+            print(f'search: landing {"opened" if self.landed > 0 else "closed"} {abs(self.landed)} MLP units '
+                  'nearest to their threshold', file=sys.stderr)
         print(f'search: done, {achieved:.4f} GFLOPs for a target of {self.target:.4f} ({off:+.1%}); '
               f'wrote {os.path.join(self.out, "search-final.pth")}', file=sys.stderr)
         if abs(off) > 0.02:

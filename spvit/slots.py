@@ -49,6 +49,7 @@ class AttentionSlot(nn.Module):
         self.gate_logits = nn.Parameter(torch.full((3,), float(theta0), **dd))
         self.register_buffer('border', border_mask(self.grid_size).to(**dd), persistent=False)
         self.pinned_op: Optional[str] = None
+        self.gate_values: Optional[torch.Tensor] = None   # used instead of the logits' gates (importance scores)
 
     def extra_repr(self) -> str:
         return f'heads={self.num_heads}, grid={self.grid_size}, alpha={self.alpha}, pinned={self.pinned_op}'
@@ -90,7 +91,8 @@ class AttentionSlot(nn.Module):
         if self.pinned_op is not None:
             return self._forward_pinned(x, attn_mask, is_causal)
         B, N, _ = x.shape
-        c_msa, c3, c1 = attention_coefficients(attention_gates(self.gate_logits, self.training)).unbind(0)
+        gates = self.gate_values if self.gate_values is not None else attention_gates(self.gate_logits, self.training)
+        c_msa, c3, c1 = attention_coefficients(gates).unbind(0)
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         a = self._attend(q, k, v, attn_mask, is_causal)
@@ -207,6 +209,7 @@ class MlpSlot(nn.Module):
         w = mlp.fc1.weight
         self.gate_logits = nn.Parameter(torch.full((self.hidden_features,), float(theta0), device=w.device, dtype=w.dtype))
         self.register_buffer('kept', None, persistent=False)
+        self.gate_values: Optional[torch.Tensor] = None   # used instead of the logits' gates (importance scores)
 
     def extra_repr(self) -> str:
         pinned = None if self.kept is None else self.kept.numel()
@@ -221,6 +224,6 @@ class MlpSlot(nn.Module):
             h = F.linear(x, self.fc1.weight[self.kept], None if self.fc1.bias is None else self.fc1.bias[self.kept])
             h = self.drop1(self.act(h))
             return self.drop2(F.linear(h, self.fc2.weight[:, self.kept], self.fc2.bias))
-        gates = sample_gates(self.gate_logits, self.training)
+        gates = self.gate_values if self.gate_values is not None else sample_gates(self.gate_logits, self.training)
         h = self.drop1(self.act(self.fc1(x)))
         return self.drop2(F.linear(h, self.fc2.weight * gates, self.fc2.bias))

@@ -229,6 +229,33 @@ class SuperNet(nn.Module):
             arch.blocks[cheapest] = BlockArch('msa', 1)
         return arch_flops(self.block_dims, self.fixed_flops, arch)
 
+    def land_on(self, target_flops: float) -> int:
+        """Open or close the MLP units nearest to their threshold (smallest |logit|) until the
+        architecture's FLOPs are as close to ``target_flops`` as single units allow. Returns the
+        number of units flipped (negative: closed). The search's last step: what the gates leave
+        within a few units of the target lands on it."""
+        arch = self.architecture()
+        gap = target_flops - self.arch_flops(arch)
+        cost = [mlp_flops(b, 1) for b in self.block_dims]
+        opening = gap > 0
+        candidates = []
+        for i, m in enumerate(self.mlp_slots):
+            logits = m.gate_logits.detach()
+            side = (logits <= 0) if opening else (logits > 0)
+            idx = side.nonzero().flatten()
+            candidates += [(abs(float(logits[j])), i, int(j)) for j in idx]
+        kept = [b.mlp_hidden for b in arch.blocks]
+        flipped = 0
+        for _, i, j in sorted(candidates):
+            if abs(gap) <= cost[i] / 2 or (not opening and kept[i] <= 1):   # a unit here would overshoot
+                continue
+            with torch.no_grad():
+                self.mlp_slots[i].gate_logits[j] = 1e-3 if opening else -1e-3
+            gap += -cost[i] if opening else cost[i]
+            kept[i] += 1 if opening else -1
+            flipped += 1 if opening else -1
+        return flipped
+
     def keep_token_path(self) -> None:
         """If the head reads the class token and no block's gates keep msa, reopen the msa of the
         block nearest to keeping it (a projection onto the architectures that can classify).

@@ -8,7 +8,7 @@ import spvit
 from spvit.budget import BudgetSchedule, FlopsDrive, PerFlopGateStep, penalty
 from spvit.errors import ArchitectureError
 from spvit.export import build_from_arch
-from spvit.importance import init_from_importance, ranked_logits, unit_fisher
+from spvit.importance import gate_fisher, init_from_importance, ranked_logits
 from spvit.search import importance_spread
 
 from conftest import SMALL, supernet_and_original
@@ -24,18 +24,18 @@ def test_ramp_and_paper_penalty():
 
 
 def test_drive_is_a_bounded_pi_controller_and_round_trips():
-    d = FlopsDrive(original=1.0, goal=0.5, integral_steps=10, gain=10.0, limit=2.0)
-    u = d(torch.tensor(0.51), 0.5)              # e = 0.02: P 0.2, I 0.02
-    assert u.item() == pytest.approx(0.22)
+    d = FlopsDrive(goal=0.5, integral_steps=10, gain=10.0, limit=2.0)
+    u = d(torch.tensor(0.505), 0.5)             # e = 0.01: P 0.1, I 0.01
+    assert u.item() == pytest.approx(0.11)
     u = d(torch.tensor(0.9), 0.5)               # far above: P saturates, the integral stands still
-    assert u.item() == 2.0 and float(d.integral) == pytest.approx(0.02)
+    assert u.item() == 2.0 and float(d.integral) == pytest.approx(0.01)
     for _ in range(100):
-        u = d(torch.tensor(0.55), 0.5)          # e = 0.1: the integral grows to its bound
+        u = d(torch.tensor(0.55), 0.5)          # e = 0.1, P = 1: the integral grows to its bound
     assert u.item() == 2.0 and float(d.integral) == pytest.approx(2.0)
-    e = FlopsDrive(original=1.0, goal=0.5, integral_steps=10)
+    e = FlopsDrive(goal=0.5, integral_steps=10, gain=10.0)
     e.load_state_dict(d.state_dict())
     assert e(torch.tensor(0.3), 0.5).item() == pytest.approx(-2.0) and float(e.integral) == pytest.approx(2.0)   # P -4: I stays
-    assert FlopsDrive(1.0, 0.5, integral_steps=0)(torch.tensor(0.6), 0.5).item() == pytest.approx(2.0)
+    assert FlopsDrive(0.5, integral_steps=0)(torch.tensor(0.51), 0.5).item() == pytest.approx(0.4)   # default gain 20
 
 
 def test_per_flop_step_normalises_the_task_and_drives_every_gate_alike():
@@ -69,15 +69,17 @@ def test_fisher_scores_are_zero_for_unused_units_and_ranked_logits_keep_theta0(s
             m.fc2.weight[:, d] = 0
     g = torch.Generator().manual_seed(0)
     batches = [(torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 10, (8,), generator=g)) for _ in range(2)]
-    scores = unit_fisher(supernet, batches)
+    attn, scores = gate_fisher(supernet, batches)
     for s, d in zip(scores, dead):
         assert (s[d] == 0).all() and (s.sum() > 0)
-    assert not supernet.pinned and supernet.training          # left as it was found
+    assert all(a[2] > 0 for a in attn)                            # every msa matters at first
+    assert supernet.training and all(s.gate_values is None for s in supernet.attn_slots + supernet.mlp_slots)
     logits = ranked_logits(scores, 1.5, 1.0)
     flat = torch.cat(logits)
     assert flat.mean().item() == pytest.approx(1.5, abs=1e-4)
     assert flat.min().item() == pytest.approx(0.5) and flat.max().item() == pytest.approx(2.5)
-    init_from_importance(supernet, scores, 1.0)
+    init_from_importance(supernet, attn, scores, 1.0)
+    assert all(a.gate_logits[:2].tolist() == [1.5, 1.5] for a in supernet.attn_slots)
     live = [torch.ones(256, dtype=torch.bool).index_fill_(0, d, False) for d in dead]
     dead_logits = torch.cat([m.gate_logits[d] for m, d in zip(supernet.mlp_slots, dead)])
     live_logits = torch.cat([m.gate_logits[k] for m, k in zip(supernet.mlp_slots, live)])
@@ -102,7 +104,7 @@ def test_useful_units_stay_open_while_unused_ones_close_first():
         with torch.no_grad():
             return x, teacher(x).argmax(1)
 
-    init_from_importance(supernet, unit_fisher(supernet, [batch() for _ in range(4)]), spread=importance_spread(1.5))
+    init_from_importance(supernet, *gate_fisher(supernet, [batch() for _ in range(4)]), spread=importance_spread(1.5))
     supernet.train()
     for a in supernet.attn_slots:           # msa throughout: only the MLP units are searched here
         a.gate_logits.data.fill_(20.0)
@@ -112,7 +114,7 @@ def test_useful_units_stay_open_while_unused_ones_close_first():
     target = original_gflops - 0.8 * 512 * unit          # 80% of the unused units' FLOPs
     steps, lr = 120, 5.0 / 120
     schedule = BudgetSchedule(original_gflops, target, steps, ramp=0.6)
-    drive = FlopsDrive(original_gflops, target, integral_steps=0.2 * steps)
+    drive = FlopsDrive(target, integral_steps=0.2 * steps)
     gate_step = PerFlopGateStep(supernet.gate_costs()[1::2])
     opt = torch.optim.SGD(gates, lr=lr, momentum=0.9, dampening=0.9)
     path, order = [], []               # FLOPs, and (unused, used) units closed, after each step
@@ -162,3 +164,23 @@ def test_no_token_path_is_refused_for_class_token_models_only():
     avg = dict(SMALL, class_token=False, global_pool='avg')
     pm = build_from_arch('vit_tiny_patch16_224', avg, spvit.Architecture('vit_tiny_patch16_224', conv, avg))
     assert pm.model(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+
+
+def test_landing_flips_the_units_nearest_their_threshold(small_supernet):
+    supernet, _ = small_supernet
+    g = torch.Generator().manual_seed(0)
+    for m in supernet.mlp_slots:
+        m.gate_logits.data = torch.randn(256, generator=g)
+    before = [m.gate_logits.detach().clone() for m in supernet.mlp_slots]
+    unit = spvit.flops.mlp_flops(supernet.block_dims[0], 1)
+    now = supernet.arch_flops(supernet.architecture())
+    for target, flipped in ((now - 40.2 * unit, -40), (now + 7.4 * unit, 7)):
+        for m, b in zip(supernet.mlp_slots, before):
+            m.gate_logits.data = b.clone()
+        assert supernet.land_on(target) == flipped
+        assert abs(supernet.arch_flops(supernet.architecture()) - target) <= unit / 2
+        changed = torch.cat([(m.gate_logits != b) for m, b in zip(supernet.mlp_slots, before)])
+        margin = torch.cat([b.abs() for b in before])
+        side = torch.cat([(b > 0) if flipped < 0 else (b <= 0) for b in before])
+        # the flipped units are the ones of that side nearest to zero
+        assert margin[changed].max() <= margin[side & ~changed].min()

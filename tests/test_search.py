@@ -88,6 +88,20 @@ def test_resume_is_exact(image_folder, pretrained, tmp_path):
     assert max((v.float() - split[k].float()).abs().max().item() for k, v in whole.items()) <= 1e-6
 
 
+def test_distilled_search_resumes_exactly(image_folder, pretrained, tmp_path):
+    """--distill soft: the frozen teacher is the starting model, also after a resume (which has to
+    load it again), so an interrupted distilled search ends where an uninterrupted one does."""
+    common = ['--checkpoint', pretrained, '--target-ratio', '0.6', '--epochs', '2', '--distill', 'soft', '--seed', '4']
+    search_main(args(image_folder, tmp_path / 'whole', *common))
+    search_main(args(image_folder, tmp_path / 'split', *common, '--max-steps', '9'))
+    search_main(['--resume', str(tmp_path / 'split' / 'checkpoint-last.pth'), '--workers', '0'])
+    whole = load(tmp_path / 'whole' / 'search-final.pth')['supernet']['state_dict']
+    split = load(tmp_path / 'split' / 'search-final.pth')['supernet']['state_dict']
+    assert max((v.float() - split[k].float()).abs().max().item() for k, v in whole.items()) <= 1e-6
+    steps = [json.loads(line) for line in open(tmp_path / 'whole' / 'log.jsonl')]
+    assert all(r['kd_loss'] >= 0 and r['task_loss'] > 0 for r in steps if r['kind'] == 'step')
+
+
 @pytest.mark.parametrize('sig,code', [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_signal_saves_state_and_exits(image_folder, tmp_path, sig, code):
     out = tmp_path / 'run'
