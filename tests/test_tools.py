@@ -117,6 +117,8 @@ def test_bad_input(files):
     corrupted.write_bytes(b'\x80\x02not a checkpoint at all')
     other_model = tmp / 'other.yaml'
     spvit.Architecture('deit_tiny_patch16_224', files['arch'].blocks).save(str(other_model))
+    no_msa = tmp / 'no_msa.yaml'
+    spvit.Architecture('vit_tiny_patch16_224', [spvit.BlockArch('conv1x1', 100)] * 4, SMALL).save(str(no_msa))
     cases = [
         (('export.py', '--search', plain, '--output', existing), 'is not an spvit-search checkpoint'),
         (('export.py', '--search', truncated, '--output', existing), 'truncated, corrupted or not a checkpoint'),
@@ -126,6 +128,8 @@ def test_bad_input(files):
         (('export.py', '--arch', other_model, '--output', existing), 'architecture has 4 blocks but deit_tiny_patch16_224 has 12'),
         (('export.py', '--search', files['search'], '--output', tmp / 'missing' / 'p.pth'), 'output directory does not exist'),
         (('flops.py', '--pruned', files['search']), 'is not an spvit-pruned checkpoint (it is spvit-search)'),
+        (('export.py', '--arch', no_msa, '--output', existing), 'no block of the architecture keeps msa'),
+        (('flops.py', '--arch', no_msa), 'no block of the architecture keeps msa'),
         (('benchmark.py', '--pruned', tmp / 'nothing.pth'), 'file not found'),
     ]
     procs = [start(*args) for args, _ in cases]     # concurrently: each pays the interpreter start
