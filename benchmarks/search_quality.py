@@ -132,7 +132,7 @@ def arch_text(blocks: List[Dict[str, Any]]) -> str:
 
 
 def table(start: Dict[str, Any], results: List[Dict[str, Any]]) -> str:
-    lines = [f"original: {start['gflops']:.4f} GFLOPs, top-1 {start['top1']:.2f}% (10k Fashion-MNIST test images)",
+    lines = [f"original: {start['gflops']:.4f} GFLOPs, top-1 {start['top1']:.2f}% on the Fashion-MNIST test images",
              '',
              '| ratio | method | GFLOPs | off target | max move | top-1, 1 epoch | top-1, 2 epochs | architecture (op/MLP units) |',
              '|---|---|---|---|---|---|---|---|']
@@ -158,6 +158,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument('--work', default='runs/search_quality', help='where data, the starting model and the runs go '
                    '(finished steps are reused; delete a folder to run it again)')
     p.add_argument('--train-per-class', type=int, default=2000, help='Fashion-MNIST training images per class')
+    p.add_argument('--val-per-class', type=int, default=1000, help='test images per class (1000: all 10k; less only '
+                   'for smoke runs)')
     p.add_argument('--batch-size', type=int, default=64, help='of search and fine-tunes: 312 steps an epoch, so the '
                    'target ramp falls by less than 5%% of the FLOPs per 10 steps even at ratio 0.3')
     p.add_argument('--lr', default='2e-3', help='weight learning rate of search and fine-tunes (per 512 images)')
@@ -165,10 +167,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = p.parse_args(argv)
     if any(not 0 < r < 1 for r in args.ratios):
         p.error('--ratios must lie in (0, 1)')
-    if args.train_per_class < 1 or args.batch_size < 1:
-        p.error('--train-per-class and --batch-size must be at least 1')
+    if min(args.train_per_class, args.val_per_class, args.batch_size) < 1:
+        p.error('--train-per-class, --val-per-class and --batch-size must be at least 1')
     data = os.path.join(args.work, 'data')
-    write_image_folder(data, os.path.join(args.work, 'cache'), args.train_per_class, 1000)
+    write_image_folder(data, os.path.join(args.work, 'cache'), args.train_per_class, args.val_per_class)
     common = ['--data-dir', data, *DATA, *LIGHT_AUG]
 
     pre = os.path.join(args.work, 'pretrain')

@@ -52,7 +52,8 @@ class SearchConfig(ModelOptions, DataOptions, TrainOptions, DistillOptions):
                                'paper\'s lambda x T^2)')
     flops_loss: str = field('relative', 'penalty of --gate-update adamw: relative ((F-T)/T)^2; absolute (F-T)^2 in '
                             'GFLOPs (the paper)', choices=('relative', 'absolute'))
-    arch_lr: Optional[float] = field(None, f'gate learning rate (default: max({PAPER_ARCH_LR}, {ARCH_LR_REACH:g} / planned steps))')
+    arch_lr: Optional[float] = field(None, f'gate learning rate (default: max({PAPER_ARCH_LR}, R / planned steps), R = '
+                                     f'{PER_FLOP_REACH:g} for per-flop, {ARCH_LR_REACH:g} for adamw)')
     settle_fraction: float = field(0.1, 'final fraction of the planned steps in which the attention ops are frozen and '
                                    'only the MLP units move, to meet the budget in fine steps (0: never)')
     budget_ramp: float = field(0.75, 'fraction of the planned steps over which the FLOPs target falls linearly from the '
@@ -200,7 +201,7 @@ class SearchTrainer(Trainer):
             init_from_importance(self.supernet, *self._fisher_scores(), spread=importance_spread(self.cfg.theta0))
 
     def _fisher_scores(self):
-        """Fisher scores of the MLP units over a few training batches (summed over processes)."""
+        """Fisher scores of the gates over a few training batches (summed over processes)."""
         cfg, d = self.cfg, self.dist
         gen = torch.Generator().manual_seed(cfg.seed + 7919 * d.rank)
         loader = torch.utils.data.DataLoader(self.train_set, batch_size=cfg.batch_size, shuffle=True, generator=gen,
@@ -227,18 +228,19 @@ class SearchTrainer(Trainer):
     def compute_loss(self, x, y):
         with autocast(self.device, self.cfg.amp):
             if self.task is None:
-                ce, parts = self.criterion(self.net(x), y), {}
-            else:
+                task = self.criterion(self.net(x), y)
+                parts = {'ce': task.detach()}
+            else:           # (1 - alpha) task loss + alpha distillation loss
                 out = self.task(x, y)
-                ce, parts = out['loss'], {'task_loss': out['task_loss'].detach(), 'kd_loss': out['kd_loss'].detach()}
+                task, parts = out['loss'], {'task_loss': out['task_loss'].detach(), 'kd_loss': out['kd_loss'].detach()}
         gflops = self.supernet.flops()
         target = self.schedule.target(self.global_step)
-        parts = {'ce': ce.detach(), **parts, 'gflops': gflops.detach(), 'target': target}
+        parts.update(gflops=gflops.detach(), target=target)
         if self.drive is None:      # the paper: the penalty is part of the loss
             pen = self.cfg.loss_lambda * penalty(gflops, target, self.cfg.flops_loss, self.target)
-            return ce.float() + pen, {**parts, 'penalty': pen.detach()}
+            return task.float() + pen, {**parts, 'penalty': pen.detach()}
         self._flops, self._drive = gflops, self.drive(gflops, target)
-        return ce.float(), {**parts, 'drive': self._drive}
+        return task.float(), {**parts, 'drive': self._drive}
 
     def log_fields(self) -> Dict[str, Any]:
         """The search's path: every block's op and open MLP units under the deterministic gates."""
