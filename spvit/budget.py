@@ -103,7 +103,9 @@ class PerFlopGateStep:
     def normalise(self, params: Sequence[torch.nn.Parameter], flops_share: torch.Tensor) -> None:
         """``flops_share``: F / F_original, differentiable in ``params``. Gates without a gradient
         (frozen this step) are left alone."""
-        live = [(p, c.to(p)) for p, c in zip(params, self.costs) if p.grad is not None]
+        if self.costs and self.costs[0].device != params[0].device:      # once, not a copy every step
+            self.costs = [c.to(params[0].device) for c in self.costs]
+        live = [(p, c) for p, c in zip(params, self.costs) if p.grad is not None]
         self._directions = []
         if not live:
             return
