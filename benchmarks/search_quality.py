@@ -4,10 +4,11 @@ FLOPs and equal training, on Fashion-MNIST, through the real tools.
     python benchmarks/search_quality.py                       # ratios 0.6 0.45 0.3
     python benchmarks/search_quality.py --ratios 0.45 --json
 
-Data: Fashion-MNIST through the demo's folder writer, 2000 training images per class, the whole
-10k test split as val/. The starting model is a ViT (vit_tiny_patch16_224 at img 32, patch 4,
-depth 6: embed 192, 3 heads, 65 tokens) trained here with tools/finetune.py and cached under
---work; its last epoch is used, so no checkpoint is ever selected on the test split. Then per
+Data: Fashion-MNIST through the demo's folder writer, the whole 10k test split as val/. The
+starting model is a ViT (vit_tiny_patch16_224 at img 32, patch 4, depth 6: embed 192, 3 heads, 65
+tokens) trained here with tools/finetune.py on the whole 60k training split and cached under
+--work; its last epoch is used, so no checkpoint is ever selected on the test split. Search and
+fine-tunes see the first 2000 training images of each class (--samples-per-class). Then per
 target ratio:
 
 - spvit: tools/search.py 1 epoch -> tools/export.py -> tools/finetune.py 1 epoch, both with soft
@@ -37,8 +38,11 @@ from spvit.demo import DATA, LIGHT_AUG, sh, tool  # noqa: E402
 from spvit.fashion_mnist import write_image_folder  # noqa: E402
 
 MODEL = ['--model', 'vit_tiny_patch16_224', '--model-kwargs', 'img_size=32', 'patch_size=4', 'depth=6']
-PRETRAIN_EPOCHS = 15
-PRETRAIN = ['--batch-size', '128', '--epochs', str(PRETRAIN_EPOCHS), '--lr', '8e-3', '--warmup-epochs', '1']
+# The starting model plays a user's pretrained model: trained on the whole training split (60k
+# images; the search and the fine-tunes see only their first --train-per-class of each class).
+PRETRAIN_PER_CLASS = 6000
+PRETRAIN_EPOCHS = 8
+PRETRAIN = ['--batch-size', '128', '--epochs', str(PRETRAIN_EPOCHS), '--lr', '4e-3', '--warmup-epochs', '1']
 
 
 def finished(run_dir: str, epochs: int) -> bool:
@@ -83,7 +87,13 @@ def uniform_arch(checkpoint: str, ratio: float, path: str) -> Optional[Dict[str,
 
 def run_ratio(ratio: float, data: str, work: str, start: str, common: List[str], lr: str) -> Dict[str, Any]:
     out = os.path.join(work, f'ratio{ratio:g}')
+    stamp, key = os.path.join(out, 'start.txt'), f'{os.path.abspath(start)} {os.path.getmtime(start)}'
+    if not (os.path.exists(stamp) and open(stamp).read() == key):
+        import shutil
+        shutil.rmtree(out, ignore_errors=True)  # runs from another starting model
     os.makedirs(out, exist_ok=True)
+    with open(stamp, 'w') as f:
+        f.write(key)
     ft = ['--lr', lr, '--warmup-epochs', '0', '--distill', 'soft', '--teacher', 'original']
     result: Dict[str, Any] = {'ratio': ratio}
 
@@ -173,11 +183,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     if min(args.train_per_class, args.val_per_class, args.batch_size) < 1:
         p.error('--train-per-class, --val-per-class and --batch-size must be at least 1')
     data = os.path.join(args.work, 'data')
-    write_image_folder(data, os.path.join(args.work, 'cache'), args.train_per_class, args.val_per_class)
+    write_image_folder(data, os.path.join(args.work, 'cache'), max(PRETRAIN_PER_CLASS, args.train_per_class),
+                       args.val_per_class)
     common = ['--data-dir', data, *DATA, *LIGHT_AUG]
 
     pre = os.path.join(args.work, 'pretrain')
-    key = shlex.join([*MODEL, *DATA, *LIGHT_AUG, *PRETRAIN, '--train-per-class', str(args.train_per_class)])
+    key = shlex.join([*MODEL, *DATA, *LIGHT_AUG, *PRETRAIN, '--train-per-class', str(PRETRAIN_PER_CLASS)])
     stamp = os.path.join(pre, 'command.txt')
     if args.start:
         start = args.start
@@ -196,7 +207,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if info['top1'] < 88:
         print(f'warning: the starting model reached {info["top1"]:.2f}% (< 88%)', file=sys.stderr)
 
-    common += ['--batch-size', str(args.batch_size)]
+    common += ['--batch-size', str(args.batch_size), '--samples-per-class', str(args.train_per_class)]
     results = [run_ratio(r, data, args.work, start, common, args.lr) for r in args.ratios]
     report = {'original': info, 'results': results}
     with open(os.path.join(args.work, 'results.json'), 'w') as f:

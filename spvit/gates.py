@@ -3,7 +3,6 @@ thresholded logits in eval, and a straight-through surrogate for the FLOPs penal
 from __future__ import annotations
 
 import torch
-from torch.distributions import RelaxedBernoulli
 
 _TEMPERATURE = 1.0
 
@@ -14,13 +13,19 @@ def _straight_through(soft: torch.Tensor) -> torch.Tensor:
     return hard + (soft - soft.detach())   # exactly 0/1 in value
 
 
-def sample_gates(logits: torch.Tensor, training: bool) -> torch.Tensor:
-    """Gate values for the forward pass: sampled in training, deterministic (sigmoid > 0.5) in eval."""
+def sample_gates(logits: torch.Tensor, training: bool, noise: float = 1.0) -> torch.Tensor:
+    """Gate values for the forward pass: sampled in training, deterministic (sigmoid > 0.5) in eval.
+
+    A training sample is relaxed Bernoulli, sigmoid((logits + noise * L) / T) with L logistic,
+    forwarded as 0/1: a gate is on with probability sigmoid(logits / noise) (noise 1: the paper).
+    With noise 0 the forward is the eval gate and only the gradient is relaxed.
+    """
     if not training:
         return (logits > 0).to(logits.dtype)
-    temperature = logits.new_tensor(_TEMPERATURE)
-    soft = RelaxedBernoulli(temperature, logits=logits, validate_args=False).rsample()
-    return _straight_through(soft)
+    if noise > 0:
+        u = torch.rand_like(logits).clamp(torch.finfo(logits.dtype).tiny, 1 - torch.finfo(logits.dtype).eps)
+        logits = logits + noise * (u.log() - (-u).log1p())
+    return _straight_through(torch.sigmoid(logits / _TEMPERATURE))
 
 
 def deterministic_gates(logits: torch.Tensor) -> torch.Tensor:
@@ -41,10 +46,10 @@ def detach_cheaper(gates: torch.Tensor) -> torch.Tensor:
     return torch.where(later_on, gates.detach(), gates)
 
 
-def attention_gates(logits: torch.Tensor, training: bool) -> torch.Tensor:
+def attention_gates(logits: torch.Tensor, training: bool, noise: float = 1.0) -> torch.Tensor:
     """The three cumulative attention gates (conv1x1, conv3x3, msa) of one block: sampled with
     the detach rule in training, thresholded in eval."""
-    g = sample_gates(logits, training)
+    g = sample_gates(logits, training, noise)
     return detach_cheaper(g) if training else g
 
 

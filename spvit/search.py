@@ -66,6 +66,10 @@ class SearchConfig(ModelOptions, DataOptions, TrainOptions, DistillOptions):
     gate_update: str = field('per-flop', 'per-flop: momentum SGD on gate gradients divided by their FLOPs and one '
                              'running RMS, so steps follow each gate\'s gradient; adamw: AdamW per gate (the paper)',
                              choices=('per-flop', 'adamw'))
+    gate_noise: str = field('anneal', 'sampling noise of the gates in training: sampled (the paper: relaxed Bernoulli '
+                            'throughout), anneal (its scale falls to 0 over the target ramp, so the weights finish '
+                            'training on the architecture they will be exported with), none (thresholded logits, '
+                            'relaxed gradient only)', choices=('sampled', 'anneal', 'none'))
     land: bool = field(True, 'after the last step, open or close the MLP units nearest to their threshold until the '
                        'FLOPs are on the target (within one unit)')
     importance_batches: int = field(8, 'training batches the Fisher scores of --gate-init importance are summed over')
@@ -225,7 +229,15 @@ class SearchTrainer(Trainer):
     def resolved_config(self) -> Dict[str, Any]:
         return {**super().resolved_config(), 'arch_lr': self.arch_lr, 'target_gflops': self.target, 'target_ratio': None}
 
+    def gate_noise(self, step: int) -> float:
+        mode = self.cfg.gate_noise
+        if mode == 'anneal':
+            span = self.schedule.ramp_steps or self.total_steps
+            return max(0.0, 1.0 - step / span)
+        return 1.0 if mode == 'sampled' else 0.0
+
     def compute_loss(self, x, y):
+        self.supernet.set_gate_noise(self.gate_noise(self.global_step))
         with autocast(self.device, self.cfg.amp):
             if self.task is None:
                 task = self.criterion(self.net(x), y)

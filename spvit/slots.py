@@ -50,6 +50,7 @@ class AttentionSlot(nn.Module):
         self.register_buffer('border', border_mask(self.grid_size).to(**dd), persistent=False)
         self.pinned_op: Optional[str] = None
         self.gate_values: Optional[torch.Tensor] = None   # used instead of the logits' gates (importance scores)
+        self.gate_noise = 1.0     # scale of the sampling noise in training (see sample_gates)
 
     def extra_repr(self) -> str:
         return f'heads={self.num_heads}, grid={self.grid_size}, alpha={self.alpha}, pinned={self.pinned_op}'
@@ -91,7 +92,7 @@ class AttentionSlot(nn.Module):
         if self.pinned_op is not None:
             return self._forward_pinned(x, attn_mask, is_causal)
         B, N, _ = x.shape
-        gates = self.gate_values if self.gate_values is not None else attention_gates(self.gate_logits, self.training)
+        gates = self.gate_values if self.gate_values is not None else attention_gates(self.gate_logits, self.training, self.gate_noise)
         c_msa, c3, c1 = attention_coefficients(gates).unbind(0)
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
@@ -210,6 +211,7 @@ class MlpSlot(nn.Module):
         self.gate_logits = nn.Parameter(torch.full((self.hidden_features,), float(theta0), device=w.device, dtype=w.dtype))
         self.register_buffer('kept', None, persistent=False)
         self.gate_values: Optional[torch.Tensor] = None   # used instead of the logits' gates (importance scores)
+        self.gate_noise = 1.0     # scale of the sampling noise in training (see sample_gates)
 
     def extra_repr(self) -> str:
         pinned = None if self.kept is None else self.kept.numel()
@@ -224,6 +226,6 @@ class MlpSlot(nn.Module):
             h = F.linear(x, self.fc1.weight[self.kept], None if self.fc1.bias is None else self.fc1.bias[self.kept])
             h = self.drop1(self.act(h))
             return self.drop2(F.linear(h, self.fc2.weight[:, self.kept], self.fc2.bias))
-        gates = self.gate_values if self.gate_values is not None else sample_gates(self.gate_logits, self.training)
+        gates = self.gate_values if self.gate_values is not None else sample_gates(self.gate_logits, self.training, self.gate_noise)
         h = self.drop1(self.act(self.fc1(x)))
         return self.drop2(F.linear(h, self.fc2.weight * gates, self.fc2.bias))

@@ -194,6 +194,12 @@ class SuperNet(nn.Module):
     def gate_parameters(self) -> List[nn.Parameter]:
         return [s.gate_logits for pair in self._slots for s in pair]
 
+    def set_gate_noise(self, scale: float) -> None:
+        """Scale of the gates' sampling noise in training (1: the paper's relaxed Bernoulli, 0: none)."""
+        for pair in self._slots:
+            for s in pair:
+                s.gate_noise = float(scale)
+
     def gate_costs(self) -> List[torch.Tensor]:
         """For each tensor of ``gate_parameters()``: the share of the original FLOPs each of its gates
         controls (attention: conv1x1, conv3x3 - conv1x1, msa - conv3x3; MLP: one hidden unit)."""

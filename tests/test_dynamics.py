@@ -184,3 +184,29 @@ def test_landing_flips_the_units_nearest_their_threshold(small_supernet):
         side = torch.cat([(b > 0) if flipped < 0 else (b <= 0) for b in before])
         # the flipped units are the ones of that side nearest to zero
         assert margin[changed].max() <= margin[side & ~changed].min()
+
+
+def test_gate_noise_scales_the_sampling_and_zero_forwards_the_eval_gates():
+    """Noise 1 is the paper's relaxed Bernoulli (a gate is on with probability sigmoid(logit));
+    noise 0 forwards exactly the eval gates and keeps the sigmoid's gradient; anneal falls to 0
+    over the target ramp."""
+    from spvit.gates import sample_gates
+    from spvit.search import SearchConfig, SearchTrainer
+    logits = torch.tensor([-2.0, -0.5, 0.5, 2.0]).repeat(20000, 1)
+    torch.manual_seed(0)
+    on = sample_gates(logits, training=True).mean(0)
+    assert torch.allclose(on, torch.sigmoid(logits[0]), atol=0.01)
+    torch.manual_seed(0)
+    assert float(sample_gates(logits, True, noise=0.5).mean(0)[3]) == pytest.approx(float(torch.sigmoid(torch.tensor(4.0))), abs=0.01)
+    x = torch.tensor([-1.0, -0.1, 0.2, 3.0], requires_grad=True)
+    g = sample_gates(x, training=True, noise=0.0)
+    assert torch.equal(g.detach(), sample_gates(x, training=False))
+    g.sum().backward()
+    assert torch.allclose(x.grad, torch.sigmoid(x) * (1 - torch.sigmoid(x)))
+
+    class Ramp:                  # the two attributes gate_noise reads
+        schedule = BudgetSchedule(1.0, 0.5, total_steps=100, ramp=0.5)
+        total_steps = 100
+    for mode, expected in (('sampled', [1, 1, 1]), ('none', [0, 0, 0]), ('anneal', [1, 0.5, 0])):
+        Ramp.cfg = SearchConfig(gate_noise=mode)
+        assert [SearchTrainer.gate_noise(Ramp, s) for s in (0, 25, 60)] == pytest.approx(expected)
