@@ -8,7 +8,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch.nn as nn
 
 from .compare import ModelPair
-from .flops import arch_flops, attn_flops, measure_flops, mlp_flops, msa_block_flops
+from .flops import arch_flops, block_attn_flops, measure_flops, mlp_flops, msa_block_flops
 from .hybrid import layout
 
 
@@ -88,7 +88,7 @@ def flop_report(pair: ModelPair, original_flops: Optional[int] = None) -> FlopRe
     for i, ((blk, _, _), b, d) in enumerate(zip(layout(pair.model), pair.arch.blocks, dims)):
         blocks.append(BlockReport(
             block=i, attn=b.attn,
-            attn_flops=by_module.get(names[id(blk.attn)], 0), attn_flops_analytic=attn_flops(d, b.attn),
+            attn_flops=by_module.get(names[id(blk.attn)], 0), attn_flops_analytic=block_attn_flops(d, b),
             mlp_hidden=b.mlp_hidden, mlp_hidden_total=d.hidden,
             mlp_flops=by_module.get(names[id(blk.mlp)], 0), mlp_flops_analytic=mlp_flops(d, b.mlp_hidden),
             params=count_params(blk)))
