@@ -159,6 +159,13 @@ def mlp_importance(slot: MlpSlot) -> torch.Tensor:
     return slot.fc1.weight.detach().abs().sum(1) * slot.fc2.weight.detach().abs().sum(0)
 
 
+def head_importance(slot: AttentionSlot) -> torch.Tensor:
+    """Per head: |its qkv rows|_1 * |its proj columns|_1, the MLP units' magnitude score for heads."""
+    heads = torch.arange(slot.num_heads, device=slot.qkv.weight.device)
+    return torch.stack([slot.qkv.weight.detach()[slot.head_channels(h[None])[0]].abs().sum()
+                        * slot.proj.weight.detach()[:, slot.head_channels(h[None])[1]].abs().sum() for h in heads])
+
+
 def top_units(scores: torch.Tensor, count: int) -> torch.Tensor:
     """Indices of the ``count`` highest scores, in ascending index order."""
     return torch.topk(scores, count).indices.sort().values
@@ -369,6 +376,10 @@ class SuperNet(nn.Module):
     @property
     def pinned(self) -> bool:
         return all(a.pinned_op is not None for a in self.attn_slots)
+
+    def magnitude_heads(self, count: int) -> List[Optional[List[int]]]:
+        """Per block, the ``count`` heads of largest magnitude (None where that is every head)."""
+        return [None if count >= a.num_heads else top_units(head_importance(a), count).tolist() for a in self.attn_slots]
 
     def uniform_arch(self, op: str, hidden: Optional[int] = None, heads: Optional[int] = None) -> Architecture:
         """Every block ``op`` with ``hidden`` MLP units (None: all) and, for msa, its first ``heads``
