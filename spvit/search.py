@@ -95,8 +95,10 @@ def resolve_target(cfg: SearchConfig, supernet: SuperNet) -> float:
     if target >= original:
         raise ConfigError(f'target {target:.4f} GFLOPs is at or above the model\'s {original:.4f} GFLOPs')
     if target < smallest:
+        cheapest = ('every attention skipped' if supernet.space.ops else 'msa with one head in every block') + \
+            ', one hidden unit per MLP'
         raise ConfigError(f'target {target:.4f} GFLOPs is below the smallest reachable {smallest:.4f} GFLOPs '
-                          '(every attention skipped, one hidden unit per MLP)')
+                          f'in the {cfg.search_space} search space ({cheapest})')
     return target
 
 
