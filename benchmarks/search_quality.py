@@ -64,28 +64,91 @@ def step_records(run_dir: str) -> List[Dict[str, Any]]:
     return [r for r in (json.loads(line) for line in open(os.path.join(run_dir, 'log.jsonl'))) if r['kind'] == 'step']
 
 
-def uniform_arch(checkpoint: str, ratio: float, path: str) -> Optional[Dict[str, Any]]:
-    """Every block msa, every MLP the same width, at the FLOPs closest to ``ratio`` of the original;
-    None where all-msa alone costs more than that."""
+def start_supernet(checkpoint: str):
     import torch
-    from spvit import Architecture, BlockArch, attach_search_space
-    from spvit.flops import mlp_flops
+    from spvit import attach_search_space
     from spvit.models import create_model
     name, kwargs = MODEL[1], {'img_size': 32, 'patch_size': 4, 'depth': 6, 'num_classes': 10}
     with torch.no_grad():
-        supernet = attach_search_space(create_model(name, kwargs, checkpoint=checkpoint), model_name=name,
-                                       model_kwargs=kwargs)
+        return attach_search_space(create_model(name, kwargs, checkpoint=checkpoint), model_name=name, model_kwargs=kwargs)
+
+
+def uniform_arch(checkpoint: str, ratio: float, path: str, heads: bool = False) -> Optional[Dict[str, Any]]:
+    """Every block msa, every MLP the same width, at the FLOPs closest to ``ratio`` of the original.
+    Without ``heads``: every head kept, None where all-msa alone costs more than that. With
+    ``heads``: every block keeps the same number of heads too (the largest by magnitude), the one
+    whose share of the heads is nearest to the MLPs' share of their units."""
+    from spvit import Architecture, BlockArch
+    from spvit.flops import mlp_flops
+    supernet = start_supernet(checkpoint)
+    dims = supernet.block_dims
     target = ratio * supernet.original_flops
-    all_msa = supernet.arch_flops(supernet.uniform_arch('msa', 1)) - sum(mlp_flops(b, 1) for b in supernet.block_dims)
-    hidden = round((target - all_msa) / sum(mlp_flops(b, 1) for b in supernet.block_dims))
-    if hidden < 1:
+    unit = sum(mlp_flops(b, 1) for b in dims)
+    options = []
+    for h in (range(1, dims[0].heads + 1) if heads else [dims[0].heads]):
+        attn_only = supernet.arch_flops(supernet.uniform_arch('msa', 1, h)) - unit
+        hidden = round((target - attn_only) / unit)
+        if hidden >= 1:
+            options.append((abs(h / dims[0].heads - hidden / dims[0].hidden), h, min(hidden, dims[0].hidden)))
+    if not options:
         return None
-    arch = Architecture(name, [BlockArch('msa', min(hidden, b.hidden)) for b in supernet.block_dims], kwargs)
+    _, h, hidden = min(options)
+    kept = supernet.magnitude_heads(h)
+    arch = Architecture(supernet.model_name, [BlockArch('msa', hidden, k) for k in kept], supernet.model_kwargs)
     arch.save(path)
-    return {'hidden': hidden, 'gflops': supernet.arch_flops(arch) / 1e9, 'original_gflops': supernet.original_flops / 1e9}
+    return {'hidden': hidden, 'heads': h, 'gflops': supernet.arch_flops(arch) / 1e9}
 
 
-def run_ratio(ratio: float, data: str, work: str, start: str, common: List[str], lr: str) -> Dict[str, Any]:
+# method -> search space (searched methods) or None (uniform prunes, with or without heads)
+SEARCHED = {'spvit': 'spvit', 'full': 'full'}
+UNIFORM = {'uniform': False, 'uniform-heads': True}
+METHODS = (*SEARCHED, *UNIFORM)
+
+
+def run_searched(method: str, ratio: float, out: str, start: str, common: List[str], lr: str,
+                 ft: List[str]) -> Dict[str, Any]:
+    import torch
+    prefix = '' if method == 'spvit' else f'{method}-'      # the paper's space keeps its folder names
+    search = os.path.join(out, f'{prefix}search')
+    if not finished(search, 1):
+        sh([*tool('search.py'), *MODEL, *common, '--checkpoint', start, '--output-dir', search, '--target-ratio',
+            str(ratio), '--epochs', '1', '--lr', lr, '--distill', 'soft', '--search-space', SEARCHED[method]])
+    final = torch.load(os.path.join(search, 'search-final.pth'), map_location='cpu', weights_only=True)
+    steps = step_records(search)
+    moves = [abs(a['gflops'] - b['gflops']) for a, b in zip(steps, steps[1:])]
+    pruned = os.path.join(out, f'{method}.pth')
+    if not os.path.exists(pruned) or os.path.getmtime(pruned) < os.path.getmtime(os.path.join(search, 'search-final.pth')):
+        sh([*tool('export.py'), '--search', os.path.join(search, 'search-final.pth'), '--output', pruned])
+    ft_dir = os.path.join(out, f'{method}-finetune')
+    if not finished(ft_dir, 1):
+        sh([*tool('finetune.py'), '--pruned', pruned, *common, '--output-dir', ft_dir, '--epochs', '1', *ft])
+    return {
+        'gflops': final['achieved_gflops'], 'target_gflops': final['target_gflops'],
+        'off_target': final['achieved_gflops'] / final['target_gflops'] - 1,
+        'max_move': max(moves, default=0.0) / final['original_gflops'],
+        'top1_1': last_epoch(search)['val_top1'], 'top1_2': last_epoch(ft_dir)['val_top1'],
+        'arch': final['arch']['blocks'],
+    }
+
+
+def run_uniform(method: str, ratio: float, out: str, start: str, common: List[str], ft: List[str]) -> Optional[Dict[str, Any]]:
+    arch_file = os.path.join(out, f'{method}-arch.yaml')
+    uni = uniform_arch(start, ratio, arch_file, heads=UNIFORM[method])
+    if uni is None:
+        return None
+    base = os.path.join(out, f'{method}.pth')
+    if not os.path.exists(base):
+        sh([*tool('export.py'), '--arch', arch_file, '--checkpoint', start, '--output', base])
+    top1 = {}
+    for epochs in (1, 2):
+        d = os.path.join(out, f'{method}-finetune{epochs}')
+        if not finished(d, epochs):
+            sh([*tool('finetune.py'), '--pruned', base, *common, '--output-dir', d, '--epochs', str(epochs), *ft])
+        top1[epochs] = last_epoch(d)['val_top1']
+    return {**uni, 'top1_1': top1[1], 'top1_2': top1[2]}
+
+
+def run_ratio(ratio: float, work: str, start: str, common: List[str], lr: str, methods: List[str]) -> Dict[str, Any]:
     out = os.path.join(work, f'ratio{ratio:g}')
     stamp, key = os.path.join(out, 'start.txt'), f'{os.path.abspath(start)} {os.path.getmtime(start)}'
     if not (os.path.exists(stamp) and open(stamp).read() == key):
@@ -96,70 +159,38 @@ def run_ratio(ratio: float, data: str, work: str, start: str, common: List[str],
         f.write(key)
     ft = ['--lr', lr, '--warmup-epochs', '0', '--distill', 'soft', '--teacher', 'original']
     result: Dict[str, Any] = {'ratio': ratio}
-
-    search = os.path.join(out, 'search')
-    if not finished(search, 1):
-        sh([*tool('search.py'), *MODEL, *common, '--checkpoint', start, '--output-dir', search, '--target-ratio',
-            str(ratio), '--epochs', '1', '--lr', lr, '--distill', 'soft'])
-    import torch
-    final = torch.load(os.path.join(search, 'search-final.pth'), map_location='cpu', weights_only=True)
-    steps = step_records(search)
-    moves = [abs(a['gflops'] - b['gflops']) for a, b in zip(steps, steps[1:])]
-    pruned = os.path.join(out, 'spvit.pth')
-    if not os.path.exists(pruned) or os.path.getmtime(pruned) < os.path.getmtime(os.path.join(search, 'search-final.pth')):
-        sh([*tool('export.py'), '--search', os.path.join(search, 'search-final.pth'), '--output', pruned])
-    ft_dir = os.path.join(out, 'spvit-finetune')
-    if not finished(ft_dir, 1):
-        sh([*tool('finetune.py'), '--pruned', pruned, *common, '--output-dir', ft_dir, '--epochs', '1', *ft])
-    result['spvit'] = {
-        'gflops': final['achieved_gflops'], 'target_gflops': final['target_gflops'],
-        'off_target': final['achieved_gflops'] / final['target_gflops'] - 1,
-        'max_move': max(moves, default=0.0) / final['original_gflops'],
-        'top1_1': last_epoch(search)['val_top1'], 'top1_2': last_epoch(ft_dir)['val_top1'],
-        'arch': final['arch']['blocks'],
-    }
-
-    arch_file = os.path.join(out, 'uniform-arch.yaml')
-    uni = uniform_arch(start, ratio, arch_file)
-    if uni is None:
-        result['uniform'] = None
-        return result
-    base = os.path.join(out, 'uniform.pth')
-    if not os.path.exists(base):
-        sh([*tool('export.py'), '--arch', arch_file, '--checkpoint', start, '--output', base])
-    top1 = {}
-    for epochs in (1, 2):
-        d = os.path.join(out, f'uniform-finetune{epochs}')
-        if not finished(d, epochs):
-            sh([*tool('finetune.py'), '--pruned', base, *common, '--output-dir', d, '--epochs', str(epochs), *ft])
-        top1[epochs] = last_epoch(d)['val_top1']
-    result['uniform'] = {'gflops': uni['gflops'], 'hidden': uni['hidden'], 'top1_1': top1[1], 'top1_2': top1[2]}
+    for method in methods:
+        result[method] = (run_searched(method, ratio, out, start, common, lr, ft) if method in SEARCHED
+                          else run_uniform(method, ratio, out, start, common, ft))
     return result
 
 
 def arch_text(blocks: List[Dict[str, Any]]) -> str:
     short = {'msa': 'A', 'conv3x3': 'C3', 'conv1x1': 'C1', 'skip': 'S'}
-    return ' '.join(f"{short[b['attn']]}/{b['mlp_hidden']}" for b in blocks)
+    return ' '.join(short[b['attn']] + (f"{len(b['heads'])}" if b.get('heads') else '') + f"/{b['mlp_hidden']}"
+                    for b in blocks)
 
 
-def table(start: Dict[str, Any], results: List[Dict[str, Any]]) -> str:
+def table(start: Dict[str, Any], results: List[Dict[str, Any]], methods: List[str]) -> str:
     lines = [f"original: {start['gflops']:.4f} GFLOPs, top-1 {start['top1']:.2f}% on the Fashion-MNIST test images",
              '',
-             '| ratio | method | GFLOPs | off target | max move | top-1, 1 epoch | top-1, 2 epochs | architecture (op/MLP units) |',
+             '| ratio | method | GFLOPs | off target | max move | top-1, 1 epoch | top-1, 2 epochs | architecture |',
              '|---|---|---|---|---|---|---|---|']
     for r in results:
-        s = r['spvit']
-        lines.append(f"| {r['ratio']:g} | spvit | {s['gflops']:.4f} | {s['off_target']:+.1%} | {s['max_move']:.1%} | "
-                     f"{s['top1_1']:.2f} | {s['top1_2']:.2f} | {arch_text(s['arch'])} |")
-        u = r['uniform']
-        if u is None:
-            lines.append(f"| {r['ratio']:g} | uniform | - | - | - | - | - | all-msa costs more than the budget |")
-        else:
-            lines.append(f"| {r['ratio']:g} | uniform | {u['gflops']:.4f} | | | {u['top1_1']:.2f} | {u['top1_2']:.2f} | "
-                         f"A/{u['hidden']} in every block |")
+        for method in methods:
+            m = r.get(method)
+            if m is None and method in UNIFORM:
+                lines.append(f"| {r['ratio']:g} | {method} | - | - | - | - | - | all-msa costs more than the budget |")
+            elif method in SEARCHED:
+                lines.append(f"| {r['ratio']:g} | {method} | {m['gflops']:.4f} | {m['off_target']:+.1%} | "
+                             f"{m['max_move']:.1%} | {m['top1_1']:.2f} | {m['top1_2']:.2f} | {arch_text(m['arch'])} |")
+            else:
+                heads = f" with {m['heads']} heads" if UNIFORM[method] else ''
+                lines.append(f"| {r['ratio']:g} | {method} | {m['gflops']:.4f} | | | {m['top1_1']:.2f} | "
+                             f"{m['top1_2']:.2f} | A/{m['hidden']}{heads} in every block |")
     lines.append('')
-    lines.append('A = msa, C3 = conv3x3, C1 = conv1x1, S = skip; max move: largest GFLOPs change between two log '
-                 'steps of the search, as a share of the original FLOPs.')
+    lines.append('A = msa (A2: keeps 2 heads), C3 = conv3x3, C1 = conv1x1, S = skip, /N: MLP units kept; max move: '
+                 'largest GFLOPs change between two log steps of the search, as a share of the original FLOPs.')
     return '\n'.join(lines)
 
 
@@ -176,6 +207,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument('--lr', default='2e-3', help='weight learning rate of search and fine-tunes (per 512 images)')
     p.add_argument('--start', help='a starting model of this shape (finetune.py last.pth) instead of the one the '
                    'script trains and caches')
+    p.add_argument('--methods', nargs='+', default=list(METHODS), choices=METHODS,
+                   help='spvit: search in the paper\'s space; full: with heads as well (--search-space full); '
+                   'uniform: every block msa, MLPs cut alike; uniform-heads: heads and MLPs cut alike')
     p.add_argument('--json', action='store_true', help='print one JSON object instead of the table')
     args = p.parse_args(argv)
     if any(not 0 < r < 1 for r in args.ratios):
@@ -208,11 +242,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f'warning: the starting model reached {info["top1"]:.2f}% (< 88%)', file=sys.stderr)
 
     common += ['--batch-size', str(args.batch_size), '--samples-per-class', str(args.train_per_class)]
-    results = [run_ratio(r, data, args.work, start, common, args.lr) for r in args.ratios]
+    results = [run_ratio(r, args.work, start, common, args.lr, args.methods) for r in args.ratios]
     report = {'original': info, 'results': results}
     with open(os.path.join(args.work, 'results.json'), 'w') as f:
         json.dump(report, f, indent=2)
-    print(json.dumps(report) if args.json else '\n' + table(info, results))
+    print(json.dumps(report) if args.json else '\n' + table(info, results, args.methods))
     return 0
 
 

@@ -18,18 +18,38 @@ from .errors import ArchitectureError
 ATTN_OPS = ('skip', 'conv1x1', 'conv3x3', 'msa')
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 @dataclass
 class BlockArch:
+    """One block: its attention op, its kept MLP width and, for msa, the indices of the kept heads
+    (None: every head)."""
     attn: str
     mlp_hidden: int
+    heads: Optional[List[int]] = None
 
     def __post_init__(self) -> None:
         if self.attn not in ATTN_OPS:
             raise ArchitectureError(f"unknown attention op {self.attn!r}; expected one of {', '.join(ATTN_OPS)}")
-        if isinstance(self.mlp_hidden, bool) or not isinstance(self.mlp_hidden, int):
+        if not _is_int(self.mlp_hidden):
             raise ArchitectureError(f"mlp_hidden must be an integer, got {self.mlp_hidden!r}")
         if self.mlp_hidden < 1:
             raise ArchitectureError(f"mlp_hidden must be at least 1, got {self.mlp_hidden}")
+        if self.heads is not None:
+            if self.attn != 'msa':
+                raise ArchitectureError(f"heads are kept only by msa blocks, not {self.attn}")
+            if (not isinstance(self.heads, (list, tuple)) or not self.heads or not all(_is_int(h) for h in self.heads)
+                    or min(self.heads) < 0 or len(set(self.heads)) != len(self.heads)):
+                raise ArchitectureError(f"heads must be a non-empty list of distinct head indices, got {self.heads!r}")
+            self.heads = sorted(self.heads)
+
+    def num_heads(self, total: int) -> int:
+        """Kept heads of a block with ``total`` heads (0 for conv ops and skip)."""
+        if self.attn != 'msa':
+            return 0
+        return total if self.heads is None else len(self.heads)
 
 
 @dataclass
@@ -43,7 +63,8 @@ class Architecture:
         return {
             'model': self.model,
             'model_kwargs': dict(self.model_kwargs),
-            'blocks': [{'attn': b.attn, 'mlp_hidden': b.mlp_hidden} for b in self.blocks],
+            'blocks': [{'attn': b.attn, 'mlp_hidden': b.mlp_hidden, **({} if b.heads is None else {'heads': list(b.heads)})}
+                       for b in self.blocks],
         }
 
     @classmethod
@@ -64,10 +85,11 @@ class Architecture:
             raise ArchitectureError(f"{source}: 'blocks' must be a non-empty list")
         parsed = []
         for i, b in enumerate(blocks):
-            if not isinstance(b, dict) or set(b) != {'attn', 'mlp_hidden'}:
-                raise ArchitectureError(f"{source}: block {i} must be {{attn: <op>, mlp_hidden: <int>}}, got {b!r}")
+            if not isinstance(b, dict) or not {'attn', 'mlp_hidden'} <= set(b) <= {'attn', 'mlp_hidden', 'heads'}:
+                raise ArchitectureError(f"{source}: block {i} must be {{attn: <op>, mlp_hidden: <int>}} (msa: optionally "
+                                        f"heads: [<kept head indices>]), got {b!r}")
             try:
-                parsed.append(BlockArch(b['attn'], b['mlp_hidden']))
+                parsed.append(BlockArch(b['attn'], b['mlp_hidden'], b.get('heads')))
             except ArchitectureError as e:
                 raise ArchitectureError(f"{source}: block {i}: {e}") from None
         return cls(model=model, blocks=parsed, model_kwargs=dict(kwargs))
@@ -95,8 +117,10 @@ class Architecture:
             raise ArchitectureError(f"{path}: not valid {'JSON' if path.endswith('.json') else 'YAML'}: {first}") from None
         return cls.from_dict(data, source=path)
 
-    def validate(self, max_hidden: Sequence[int], model: Optional[str] = None) -> None:
-        """Check the spec against a model with ``len(max_hidden)`` blocks of those MLP widths."""
+    def validate(self, max_hidden: Sequence[int], model: Optional[str] = None,
+                 max_heads: Optional[Sequence[int]] = None) -> None:
+        """Check the spec against a model with ``len(max_hidden)`` blocks of those MLP widths (and,
+        given, of ``max_heads`` attention heads)."""
         if model is not None and model != self.model:
             raise ArchitectureError(f"architecture is for model {self.model!r}, not {model!r}")
         if len(self.blocks) != len(max_hidden):
@@ -105,3 +129,7 @@ class Architecture:
         for i, (b, m) in enumerate(zip(self.blocks, max_hidden)):
             if b.mlp_hidden > m:
                 raise ArchitectureError(f"block {i}: mlp_hidden {b.mlp_hidden} exceeds the model's {m} hidden units")
+        if max_heads is not None:
+            for i, (b, h) in enumerate(zip(self.blocks, max_heads)):
+                if b.heads is not None and max(b.heads) >= h:
+                    raise ArchitectureError(f"block {i}: head index {max(b.heads)} is out of range for {h} heads")

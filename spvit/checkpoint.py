@@ -55,6 +55,7 @@ def supernet_record(supernet) -> Dict[str, Any]:
         'model_kwargs': dict(supernet.model_kwargs),
         'theta0': supernet.theta0,
         'alpha': supernet.alpha,
+        'search_space': supernet.search_space,
         'state_dict': supernet.state_dict(),
     }
 
@@ -62,10 +63,14 @@ def supernet_record(supernet) -> Dict[str, Any]:
 def supernet_from_record(record: Dict[str, Any]):
     """Rebuild the supernet of ``supernet_record`` (random init, then the saved state)."""
     from .models import create_model
-    from .supernet import attach_search_space
+    from .supernet import SEARCH_SPACES, attach_search_space
     model = create_model(record['model_name'], record['model_kwargs'])
+    space = record.get('search_space', 'spvit')       # records before search spaces had the paper's
+    if space not in SEARCH_SPACES:
+        raise CheckpointError(f'unknown search space {space!r} in the search state')
     supernet = attach_search_space(model, theta0=record['theta0'], alpha=record['alpha'],
-                                   model_name=record['model_name'], model_kwargs=record['model_kwargs'])
+                                   model_name=record['model_name'], model_kwargs=record['model_kwargs'],
+                                   search_space=space)
     try:
         supernet.load_state_dict(record['state_dict'])
     except RuntimeError as e:

@@ -43,13 +43,22 @@ CONV_OPS: Dict[str, Tuple[ConvParts, str]] = {
 }
 
 
-SEARCH_ONLY = ('head_assign', 'gate_logits', 'bn1.', 'bn3.')
+SEARCH_ONLY = ('head_assign', 'gate_logits', 'head_logits', 'bn1.', 'bn3.')
 
 
 def _msa_state(slot: AttentionSlot) -> Dict[str, Tensor]:
     """The original attention's weights (and Swin's relative position bias table), without what
-    the search added."""
-    return {k: v.detach() for k, v in slot.state_dict().items() if not k.startswith(SEARCH_ONLY)}
+    the search added; of the kept heads only, if the slot keeps some."""
+    state = {k: v.detach() for k, v in slot.state_dict().items() if not k.startswith(SEARCH_ONLY)}
+    if slot.pinned_heads is not None:
+        rows, cols = slot.head_channels(slot.pinned_heads)
+        state['qkv.weight'] = state['qkv.weight'][rows]
+        if 'qkv.bias' in state:
+            state['qkv.bias'] = state['qkv.bias'][rows]
+        state['proj.weight'] = state['proj.weight'][:, cols]
+        if 'relative_position_bias_table' in state:
+            state['relative_position_bias_table'] = state['relative_position_bias_table'][:, slot.pinned_heads]
+    return state
 
 
 def _conv_state(op: str, slot: AttentionSlot) -> Dict[str, Tensor]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -16,7 +16,7 @@ with warnings.catch_warnings():
     from fvcore.nn import FlopCountAnalysis
     from fvcore.nn.jit_handles import get_shape
 
-from .arch import ATTN_OPS, Architecture
+from .arch import ATTN_OPS, Architecture, BlockArch
 
 
 @dataclass(frozen=True)
@@ -35,9 +35,11 @@ class BlockDims:
         return self.dim // self.heads
 
 
-def _msa(b: BlockDims) -> int:
+def _msa(b: BlockDims, heads: Optional[int] = None) -> int:
+    """qkv, q k^T, attn v and the projection; each is linear in the kept heads' width h * hd."""
     n, d = b.tokens, b.dim
-    return b.windows * (4 * n * d * d + 2 * n * n * d)
+    width = d if heads is None else heads * b.head_dim
+    return b.windows * (4 * n * d * width + 2 * n * n * width)
 
 
 def _conv3x3(b: BlockDims) -> int:
@@ -56,8 +58,15 @@ ATTN_FLOPS: Dict[str, Callable[[BlockDims], int]] = {
 }
 
 
-def attn_flops(b: BlockDims, op: str) -> int:
+def attn_flops(b: BlockDims, op: str, heads: Optional[int] = None) -> int:
+    """FLOPs of a block's attention op; ``heads``: how many heads msa keeps (None: all)."""
+    if op == 'msa' and heads is not None:
+        return _msa(b, heads)
     return ATTN_FLOPS[op](b)
+
+
+def block_attn_flops(b: BlockDims, block: BlockArch) -> int:
+    return attn_flops(b, block.attn, None if block.heads is None else len(block.heads))
 
 
 def mlp_flops(b: BlockDims, hidden: int) -> int:
@@ -66,16 +75,19 @@ def mlp_flops(b: BlockDims, hidden: int) -> int:
 
 def arch_flops(dims: Sequence[BlockDims], fixed: int, arch: Architecture) -> int:
     """Total FLOPs of an architecture (exact integer)."""
-    return fixed + sum(attn_flops(b, a.attn) + mlp_flops(b, a.mlp_hidden) for b, a in zip(dims, arch.blocks))
+    return fixed + sum(block_attn_flops(b, a) + mlp_flops(b, a.mlp_hidden) for b, a in zip(dims, arch.blocks))
 
 
-def gated_block_flops(b: BlockDims, attn_gates: torch.Tensor, mlp_gates: torch.Tensor) -> torch.Tensor:
+def gated_block_flops(b: BlockDims, attn_gates: torch.Tensor, mlp_gates: torch.Tensor,
+                      head_gates: Optional[torch.Tensor] = None) -> torch.Tensor:
     """F_attn + F_mlp of one block as a function of its gate values (differentiable).
 
-    F_attn = I1 F_c1 + I2 (F_c3 - F_c1) + I3 (F_msa - F_c3) with I = cumprod(g).
+    F_attn = I1 F_c1 + I2 (F_c3 - F_c1) + I3 (F_msa - F_c3) with I = cumprod(g); with head gates
+    F_msa = F_msa(one head) * sum(head gates).
     """
     i = torch.cumprod(attn_gates, 0)
-    f1, f3, fm = _conv1x1(b), _conv3x3(b), _msa(b)
+    f1, f3 = _conv1x1(b), _conv3x3(b)
+    fm = _msa(b) if head_gates is None else _msa(b, 1) * head_gates.sum()
     f_attn = i[0] * f1 + i[1] * (f3 - f1) + i[2] * (fm - f3)
     return f_attn + mlp_flops(b, 1) * mlp_gates.sum()
 
@@ -110,5 +122,5 @@ def msa_block_flops(dims: Sequence[BlockDims]) -> int:
     return sum(_msa(b) + mlp_flops(b, b.hidden) for b in dims)
 
 
-__all__ = ['ATTN_OPS', 'BlockDims', 'attn_flops', 'mlp_flops', 'arch_flops', 'gated_block_flops',
+__all__ = ['ATTN_OPS', 'BlockDims', 'attn_flops', 'block_attn_flops', 'mlp_flops', 'arch_flops', 'gated_block_flops',
            'measure_flops', 'msa_block_flops']

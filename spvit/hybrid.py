@@ -75,6 +75,70 @@ class NoAttention(nn.Module):
         return torch.zeros_like(x)
 
 
+class HeadAttention(nn.Module):
+    """Multi-head self-attention over ``num_heads`` heads of ``head_dim`` each, whatever the model
+    width: what a timm ``Attention`` becomes when some of its heads are pruned. Its state dict
+    has timm's keys (qkv, proj), holding the kept heads' rows and columns."""
+
+    def __init__(
+            self,
+            dim: int,
+            num_heads: int,
+            head_dim: int,
+            qkv_bias: bool = True,
+            proj_bias: bool = True,
+            attn_drop: float = 0.,
+            proj_drop: float = 0.,
+            device=None,
+            dtype=None,
+    ) -> None:
+        super().__init__()
+        dd = {'device': device, 'dtype': dtype}
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.qkv = nn.Linear(dim, 3 * num_heads * head_dim, bias=qkv_bias, **dd)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(num_heads * head_dim, dim, bias=proj_bias, **dd)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def extra_repr(self) -> str:
+        return f'heads={self.num_heads}, head_dim={self.head_dim}'
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
+        B, N, _ = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                                           dropout_p=self.attn_drop.p if self.training else 0.)
+        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, -1)))
+
+
+def _vit_heads(attn: nn.Module, heads: int) -> nn.Module:
+    w = attn.qkv.weight
+    return HeadAttention(w.shape[1], heads, attn.head_dim, qkv_bias=attn.qkv.bias is not None,
+                         proj_bias=attn.proj.bias is not None, attn_drop=attn.attn_drop.p, proj_drop=attn.proj_drop.p,
+                         device=w.device, dtype=w.dtype)
+
+
+def _swin_heads(attn: nn.Module, heads: int) -> nn.Module:
+    from timm.models.swin_transformer import WindowAttention
+    w = attn.qkv.weight
+    head_dim = attn.qkv.out_features // (3 * attn.num_heads)
+    return WindowAttention(w.shape[1], heads, head_dim=head_dim, window_size=attn.window_size,
+                           qkv_bias=attn.qkv.bias is not None, attn_drop=attn.attn_drop.p, proj_drop=attn.proj_drop.p,
+                           device=w.device, dtype=w.dtype)
+
+
+def keep_heads(attn: nn.Module, heads: int) -> nn.Module:
+    """A timm attention with only ``heads`` of its heads (random init; weights come from a state dict)."""
+    from timm.layers import Attention
+    from timm.models.swin_transformer import WindowAttention
+    pruners = {Attention: _vit_heads, WindowAttention: _swin_heads}     # attention type -> its head-pruned form
+    for cls, prune in pruners.items():
+        if type(attn) is cls:
+            return prune(attn, heads)
+    raise UnsupportedModelError(f'{type(attn).__name__}: cannot prune its heads')
+
+
 def _conv_builder(kernel_size: int) -> Callable[..., nn.Module]:
     def build(attn: nn.Module, grid_size: Tuple[int, int], num_prefix_tokens: int) -> nn.Module:
         w = attn.proj.weight
@@ -151,17 +215,19 @@ def check_token_path(model: nn.Module, arch: Architecture) -> None:
 def hybridize(model: nn.Module, arch: Architecture) -> nn.Module:
     """Give an unmodified timm model the structure of ``arch``, in place: attention modules
     replaced per op (a skipped block loses its attention pre-norm as well, which nothing would
-    read), MLPs shrunk to their kept width. Weights of replaced parts are random; the exporter and
+    read), msa with kept heads narrowed to them, MLPs shrunk to their kept width. Weights of replaced parts are random; the exporter and
     ``load_pruned`` fill them from a state dict."""
     from timm.layers import Attention
     from timm.models.swin_transformer import WindowAttention
     blocks = layout(model)
-    arch.validate([blk.mlp.fc1.out_features for blk, _, _ in blocks])
+    arch.validate([blk.mlp.fc1.out_features for blk, _, _ in blocks], max_heads=[blk.attn.num_heads for blk, _, _ in blocks])
     check_token_path(model, arch)
     for i, ((blk, grid, npt), b) in enumerate(zip(blocks, arch.blocks)):
         if type(blk.attn) not in (Attention, WindowAttention):
             raise UnsupportedModelError(f'block {i}: {type(blk.attn).__name__} is not a timm attention (already hybrid?)')
         blk.attn = ATTENTION_BUILDERS[b.attn](blk.attn, grid, npt)
+        if b.heads is not None and len(b.heads) < blk.attn.num_heads:
+            blk.attn = keep_heads(blk.attn, len(b.heads))
         if b.attn == 'skip':        # the whole attention branch goes, its pre-norm too
             blk.norm1 = nn.Identity()
         if b.mlp_hidden != blk.mlp.fc1.out_features:
@@ -169,5 +235,5 @@ def hybridize(model: nn.Module, arch: Architecture) -> nn.Module:
     return model
 
 
-__all__ = ['ConvAttention', 'NoAttention', 'ATTENTION_BUILDERS', 'prune_mlp', 'mlp_widths', 'layout', 'hybridize',
+__all__ = ['ConvAttention', 'NoAttention', 'HeadAttention', 'keep_heads', 'ATTENTION_BUILDERS', 'prune_mlp', 'mlp_widths', 'layout', 'hybridize',
            'classifies_from_prefix_tokens', 'check_token_path']

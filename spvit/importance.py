@@ -7,7 +7,7 @@ importance score per FLOP makes the order meaningful from the first step; the se
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable, List, Sequence, Tuple
+from typing import Callable, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -17,29 +17,50 @@ from .supernet import SuperNet
 MSA_GATE = 2      # of a block's (conv1x1, conv3x3, msa) gates, the one that decides msa against conv3x3
 
 
+class GateScores(NamedTuple):
+    """Fisher scores per gate: each block's attention gates (3; zeros in a space without ops), its
+    head gates (None in a space without heads) and its MLP units."""
+    attn: List[torch.Tensor]
+    heads: List[Optional[torch.Tensor]]
+    mlp: List[torch.Tensor]
+
+
 def gate_fisher(supernet: SuperNet, batches: Iterable[Tuple[torch.Tensor, torch.Tensor]],
                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = nn.functional.cross_entropy,
-                ) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+                ) -> GateScores:
     """First-order Taylor (Fisher) scores of every gate at all gates open: the sum over minibatches of
-    (dL/dg)^2. A gate whose closing would not change the loss scores 0. Returns the attention
-    gates' scores (3 per block) and the MLP units' (one per hidden unit). Measured in eval mode
-    with the gates given as values, so nothing is sampled."""
+    (dL/dg)^2. A gate whose closing would not change the loss scores 0. Measured in eval mode with
+    the gates given as values, so nothing is sampled."""
     was_training = supernet.training
     supernet.eval()
-    slots = [s for pair in zip(supernet.attn_slots, supernet.mlp_slots) for s in pair]
-    values = [torch.ones_like(s.gate_logits, requires_grad=True) for s in slots]
-    scores = [torch.zeros_like(v, dtype=torch.float32) for v in values]
+    # (slot, attribute the values go to, shape)
+    where = []
+    for a, m in zip(supernet.attn_slots, supernet.mlp_slots):
+        if a.op_gates:
+            where.append((a, 'gate_values', a.gate_logits.shape))
+        if a.head_logits is not None:
+            where.append((a, 'head_values', a.head_logits.shape))
+        where.append((m, 'gate_values', m.gate_logits.shape))
+    ref = supernet.mlp_slots[0].gate_logits
+    values = [torch.ones(shape, device=ref.device, dtype=ref.dtype, requires_grad=True) for _, _, shape in where]
+    scores = [torch.zeros(shape, device=ref.device, dtype=torch.float32) for _, _, shape in where]
     try:
-        for s, v in zip(slots, values):
-            s.gate_values = v
+        for (slot, attr, _), v in zip(where, values):
+            setattr(slot, attr, v)
         for x, y in batches:
             for sc, g in zip(scores, torch.autograd.grad(loss_fn(supernet(x), y), values)):
                 sc += g.float() ** 2
     finally:
-        for s in slots:
-            s.gate_values = None
+        for slot, attr, _ in where:
+            setattr(slot, attr, None)
         supernet.train(was_training)
-    return scores[0::2], scores[1::2]
+    by_slot = iter(zip(where, scores))
+    attn, heads, mlp = [], [], []
+    for a, _ in zip(supernet.attn_slots, supernet.mlp_slots):
+        attn.append(next(by_slot)[1] if a.op_gates else torch.zeros(3, device=ref.device))
+        heads.append(next(by_slot)[1] if a.head_logits is not None else None)
+        mlp.append(next(by_slot)[1])
+    return GateScores(attn, heads, mlp)
 
 
 def ranked_logits(scores: Sequence[torch.Tensor], theta0: float, spread: float) -> List[torch.Tensor]:
@@ -51,17 +72,28 @@ def ranked_logits(scores: Sequence[torch.Tensor], theta0: float, spread: float) 
     return list((theta0 + spread * (2 * rank - 1)).split([s.numel() for s in scores]))
 
 
-def init_from_importance(supernet: SuperNet, attn_scores: Sequence[torch.Tensor], mlp_scores: Sequence[torch.Tensor],
-                         spread: float) -> None:
-    """Rank every MLP unit and every block's msa gate together by sqrt(Fisher) per FLOP (the loss
-    change per FLOP its closing would cost) and set their logits by rank around theta0; the cheaper
-    attention gates, which decide nothing while msa is open, keep theta0."""
-    costs = supernet.gate_costs()
-    per_flop = [torch.stack([a[MSA_GATE] for a in attn_scores]).sqrt() / torch.stack([c[MSA_GATE] for c in costs[0::2]])]
-    per_flop += [s.sqrt() / c for s, c in zip(mlp_scores, costs[1::2])]
+def init_from_importance(supernet: SuperNet, scores: GateScores, spread: float) -> None:
+    """Rank every MLP unit, every head and every block's msa gate together by sqrt(Fisher) per FLOP
+    (the loss change per FLOP its closing would cost) and set their logits by rank around theta0;
+    the cheaper attention gates, which decide nothing while msa is open, keep theta0."""
+    costs = iter(supernet.gate_costs())        # in gate_parameters() order: ops, heads, MLP per block
+    groups: List[Tuple[torch.Tensor, torch.Tensor]] = []       # (logits to set, score per FLOP)
+    msa_scores, msa_costs, msa_params = [], [], []
+    for a, m, att, head, mlp in zip(supernet.attn_slots, supernet.mlp_slots, scores.attn, scores.heads, scores.mlp):
+        if supernet.space.ops:
+            msa_scores.append(att[MSA_GATE])
+            msa_costs.append(next(costs)[MSA_GATE])
+            msa_params.append(a)
+        if a.head_logits is not None:
+            groups.append((a.head_logits, head.sqrt() / next(costs)))
+        groups.append((m.gate_logits, mlp.sqrt() / next(costs)))
+    per_flop = [g for _, g in groups]
+    if msa_params:
+        per_flop.insert(0, torch.stack(msa_scores).sqrt() / torch.stack(msa_costs))
     logits = ranked_logits(per_flop, supernet.theta0, spread)
     with torch.no_grad():
-        for a, value in zip(supernet.attn_slots, logits[0]):
-            a.gate_logits[MSA_GATE] = value
-        for m, value in zip(supernet.mlp_slots, logits[1:]):
-            m.gate_logits.copy_(value.to(m.gate_logits))
+        if msa_params:
+            for a, value in zip(msa_params, logits.pop(0)):
+                a.gate_logits[MSA_GATE] = value
+        for (param, _), value in zip(groups, logits):
+            param.copy_(value.to(param))

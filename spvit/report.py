@@ -8,7 +8,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch.nn as nn
 
 from .compare import ModelPair
-from .flops import arch_flops, attn_flops, measure_flops, mlp_flops, msa_block_flops
+from .flops import arch_flops, block_attn_flops, measure_flops, mlp_flops, msa_block_flops
 from .hybrid import layout
 
 
@@ -27,6 +27,8 @@ class BlockReport:
     mlp_flops: int               # fvcore
     mlp_flops_analytic: int
     params: int
+    heads: Optional[List[int]] = None     # msa: the kept heads (None: every head)
+    heads_total: int = 0
 
 
 @dataclass
@@ -64,7 +66,8 @@ class FlopReport:
         lines = [f'{self.model} {kwargs}'.rstrip() + f', input {size}', '',
                  f"{'block':>5}  {'attention':<9} {'attn GFLOPs':>11}  {'MLP kept/total':>14} {'MLP GFLOPs':>10}  {'params (M)':>10}"]
         for b in self.blocks:
-            lines.append(f'{b.block:>5}  {b.attn:<9} {b.attn_flops / 1e9:>11.4f}  '
+            op = b.attn if b.heads is None else f'msa {len(b.heads)}/{b.heads_total}'
+            lines.append(f'{b.block:>5}  {op:<9} {b.attn_flops / 1e9:>11.4f}  '
                          f'{f"{b.mlp_hidden}/{b.mlp_hidden_total}":>14} {b.mlp_flops / 1e9:>10.4f}  {b.params / 1e6:>10.4f}')
         gap = (self.flops - self.analytic_flops) / self.analytic_flops
         lines += ['', f'total: {self.flops / 1e9:.4f} GFLOPs (fvcore), {self.analytic_flops / 1e9:.4f} analytic '
@@ -88,10 +91,10 @@ def flop_report(pair: ModelPair, original_flops: Optional[int] = None) -> FlopRe
     for i, ((blk, _, _), b, d) in enumerate(zip(layout(pair.model), pair.arch.blocks, dims)):
         blocks.append(BlockReport(
             block=i, attn=b.attn,
-            attn_flops=by_module.get(names[id(blk.attn)], 0), attn_flops_analytic=attn_flops(d, b.attn),
+            attn_flops=by_module.get(names[id(blk.attn)], 0), attn_flops_analytic=block_attn_flops(d, b),
             mlp_hidden=b.mlp_hidden, mlp_hidden_total=d.hidden,
             mlp_flops=by_module.get(names[id(blk.mlp)], 0), mlp_flops_analytic=mlp_flops(d, b.mlp_hidden),
-            params=count_params(blk)))
+            params=count_params(blk), heads=None if b.heads is None else list(b.heads), heads_total=d.heads))
     fixed = original_flops - msa_block_flops(dims)
     return FlopReport(model=pair.arch.model, model_kwargs=dict(pair.arch.model_kwargs), input_size=tuple(size),
                       flops=total, analytic_flops=arch_flops(dims, fixed, pair.arch), params=count_params(pair.model),

@@ -27,7 +27,7 @@ from .importance import gate_fisher, init_from_importance
 from .models import create_model
 from .options import DataOptions, DistillOptions, ModelOptions, TrainOptions
 from .runtime import autocast
-from .supernet import SuperNet, attach_search_space
+from .supernet import SEARCH_SPACES, SuperNet, attach_search_space
 from .trainer import LAST, Trainer, resume_config
 
 STATE_FORMAT = 'spvit-search-state'
@@ -46,6 +46,9 @@ GATE_MOMENTUM = 0.9
 
 @dataclass
 class SearchConfig(ModelOptions, DataOptions, TrainOptions, DistillOptions):
+    search_space: str = field('spvit', 'what the gates choose: ' + '; '.join(f'{k}: {v.about}' for k, v in
+                                                                           SEARCH_SPACES.items()),
+                              choices=tuple(SEARCH_SPACES))
     target_gflops: Optional[float] = field(None, 'FLOPs budget in GFLOPs')
     target_ratio: Optional[float] = field(None, "budget as a fraction of the original model's FLOPs")
     loss_lambda: float = field(20.0, 'weight of the FLOPs penalty of --gate-update adamw (for the relative form: the '
@@ -54,8 +57,8 @@ class SearchConfig(ModelOptions, DataOptions, TrainOptions, DistillOptions):
                             'GFLOPs (the paper)', choices=('relative', 'absolute'))
     arch_lr: Optional[float] = field(None, f'gate learning rate (default: max({PAPER_ARCH_LR}, R / planned steps), R = '
                                      f'{PER_FLOP_REACH:g} for per-flop, {ARCH_LR_REACH:g} for adamw)')
-    settle_fraction: float = field(0.1, 'final fraction of the planned steps in which the attention ops are frozen and '
-                                   'only the MLP units move, to meet the budget in fine steps (0: never)')
+    settle_fraction: float = field(0.1, 'final fraction of the planned steps in which the attention ops and heads are '
+                                   'frozen and only the MLP units move, to meet the budget in fine steps (0: never)')
     budget_ramp: float = field(0.75, 'fraction of the planned steps over which the FLOPs target falls linearly from the '
                                "original model's FLOPs to the budget, so that a few gates close at a time (0: the paper)")
     budget_integral: float = field(0.2, 'per-flop: time constant, as a fraction of the planned steps, of the integral '
@@ -92,8 +95,10 @@ def resolve_target(cfg: SearchConfig, supernet: SuperNet) -> float:
     if target >= original:
         raise ConfigError(f'target {target:.4f} GFLOPs is at or above the model\'s {original:.4f} GFLOPs')
     if target < smallest:
+        cheapest = ('every attention skipped' if supernet.space.ops else 'msa with one head in every block') + \
+            ', one hidden unit per MLP'
         raise ConfigError(f'target {target:.4f} GFLOPs is below the smallest reachable {smallest:.4f} GFLOPs '
-                          '(every attention skipped, one hidden unit per MLP)')
+                          f'in the {cfg.search_space} search space ({cheapest})')
     return target
 
 
@@ -137,11 +142,12 @@ def weight_param_groups(supernet: SuperNet, weight_decay: float) -> List[Dict[st
 
 
 def arch_table(supernet: SuperNet, arch: Architecture) -> str:
-    from .flops import attn_flops, mlp_flops
+    from .flops import block_attn_flops, mlp_flops
     lines = [f"{'block':>5}  {'op':8}  {'kept/total':>11}  {'GFLOPs':>8}"]
     for i, (b, dims) in enumerate(zip(arch.blocks, supernet.block_dims)):
-        g = (attn_flops(dims, b.attn) + mlp_flops(dims, b.mlp_hidden)) / 1e9
-        lines.append(f'{i:>5}  {b.attn:8}  {b.mlp_hidden:>5}/{dims.hidden:<5}  {g:8.4f}')
+        g = (block_attn_flops(dims, b) + mlp_flops(dims, b.mlp_hidden)) / 1e9
+        op = b.attn if b.heads is None else f'msa {len(b.heads)}/{dims.heads}'
+        lines.append(f'{i:>5}  {op:8}  {b.mlp_hidden:>5}/{dims.hidden:<5}  {g:8.4f}')
     lines.append(f'total {supernet.arch_flops(arch) / 1e9:.4f} GFLOPs (original {supernet.original_flops / 1e9:.4f})')
     return '\n'.join(lines)
 
@@ -167,7 +173,8 @@ class SearchTrainer(Trainer):
                                     num_classes=self.num_classes) if self.resuming else copy.deepcopy(model))
             self.teacher = prepare_teacher(teacher, data_config)
         self.supernet = attach_search_space(model, theta0=cfg.theta0, alpha=cfg.alpha, model_name=cfg.model,
-                                            model_kwargs={**kwargs, 'num_classes': self.num_classes})
+                                            model_kwargs={**kwargs, 'num_classes': self.num_classes},
+                                            search_space=cfg.search_space)
         self.supernet.pretrained_cfg = {**(getattr(model, 'pretrained_cfg', None) or {}), **data_config}   # for distillation
         self.target = resolve_target(cfg, self.supernet)
         return self.supernet, data_config
@@ -202,7 +209,7 @@ class SearchTrainer(Trainer):
             self.net, self.teacher, self.criterion, cfg.distill, cfg.distill_alpha, cfg.distill_tau, self.device,
             token_student=hasattr(self.supernet.model, 'set_distilled_training'))
         if self.cfg.gate_init == 'importance' and not self.resuming:
-            init_from_importance(self.supernet, *self._fisher_scores(), spread=importance_spread(self.cfg.theta0))
+            init_from_importance(self.supernet, self._fisher_scores(), spread=importance_spread(self.cfg.theta0))
 
     def _fisher_scores(self):
         """Fisher scores of the gates over a few training batches (summed over processes)."""
@@ -215,11 +222,11 @@ class SearchTrainer(Trainer):
             batches.append((x.to(self.device), y.to(self.device)))
             if len(batches) == cfg.importance_batches:
                 break
-        attn, mlp = gate_fisher(self.supernet, batches)
+        scores = gate_fisher(self.supernet, batches)
         if d.enabled:
-            for s in attn + mlp:
+            for s in scores.attn + scores.mlp + [h for h in scores.heads if h is not None]:
                 torch.distributed.all_reduce(s)
-        return attn, mlp
+        return scores
 
     def banner(self) -> str:
         ramp = f', target ramp over {self.schedule.ramp_steps:.0f} steps' if self.schedule.ramp_steps else ''
@@ -263,6 +270,8 @@ class SearchTrainer(Trainer):
         if self.global_step >= self.settle_from:
             for slot in self.supernet.attn_slots:      # the optimisers skip parameters without a gradient
                 slot.gate_logits.grad = None
+                if slot.head_logits is not None:
+                    slot.head_logits.grad = None
         if self.gate_step is not None:
             if self.scaler is not None:         # the drive is added to unscaled gradients
                 self.scaler.unscale_(self.optimizers['arch'])

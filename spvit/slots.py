@@ -7,7 +7,7 @@ forward compute exactly that choice (what export produces, but still weight-shar
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -29,6 +29,7 @@ class AttentionSlot(nn.Module):
             num_prefix_tokens: int,
             theta0: float = 1.5,
             alpha: float = 0.01,
+            head_gates: bool = False,
     ) -> None:
         super().__init__()
         self.num_heads = attn.num_heads
@@ -47,25 +48,51 @@ class AttentionSlot(nn.Module):
         self.bn1 = nn.BatchNorm1d(self.head_dim, **dd)
         self.bn3 = nn.BatchNorm1d(self.head_dim, **dd)
         self.gate_logits = nn.Parameter(torch.full((3,), float(theta0), **dd))
+        # one gate per head of msa (search space with heads); None: msa keeps all its heads
+        self.head_logits = nn.Parameter(torch.full((self.num_heads,), float(theta0), **dd)) if head_gates else None
+        self.head_values: Optional[torch.Tensor] = None   # used instead of the head logits' gates (importance scores)
+        self.op_gates = True      # False: the op gates stay open (msa), only heads are searched
         self.register_buffer('border', border_mask(self.grid_size).to(**dd), persistent=False)
         self.pinned_op: Optional[str] = None
+        self.pinned_heads: Optional[torch.Tensor] = None     # msa: indices of the kept heads (None: all)
         self.gate_values: Optional[torch.Tensor] = None   # used instead of the logits' gates (importance scores)
         self.gate_noise = 1.0     # scale of the sampling noise in training (see sample_gates)
 
     def extra_repr(self) -> str:
-        return f'heads={self.num_heads}, grid={self.grid_size}, alpha={self.alpha}, pinned={self.pinned_op}'
+        return (f'heads={self.num_heads}, grid={self.grid_size}, alpha={self.alpha}, head_gates='
+                f'{self.head_logits is not None}, pinned={self.pinned_op}')
 
-    def pin(self, op: Optional[str]) -> None:
+    def kept_heads(self) -> Optional[List[int]]:
+        """The heads msa keeps under the deterministic head gates (at least the one of highest
+        logit); None without head gates or with every head open."""
+        if self.head_logits is None:
+            return None
+        logits = self.head_logits.detach()
+        kept = (logits > 0).nonzero().flatten().tolist() or [int(logits.argmax())]
+        return None if len(kept) == self.num_heads else kept
+
+    def pin(self, op: Optional[str], heads: Optional[Sequence[int]] = None) -> None:
+        """Compute only ``op`` (None: back to the gated search); msa may keep only ``heads``."""
         if op is not None and op not in ATTN_OPS:
             raise ValueError(f'unknown attention op {op!r}')
+        if heads is not None and op != 'msa':
+            raise ValueError(f'only msa keeps heads, not {op}')
         self.pinned_op = op
+        self.pinned_heads = None if heads is None or len(heads) == self.num_heads else \
+            torch.as_tensor(sorted(heads), dtype=torch.long, device=self.qkv.weight.device)
+
+    def head_channels(self, heads: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The qkv rows (q, k and v parts) and the proj columns that belong to ``heads``."""
+        hd, dim = self.head_dim, self.num_heads * self.head_dim
+        cols = (heads[:, None] * hd + torch.arange(hd, device=heads.device)).flatten()
+        return torch.cat([cols + part * dim for part in range(3)]), cols
 
     def mixing(self) -> torch.Tensor:
         return head_mixing(self.head_assign, self.alpha)
 
     # --- pieces shared by the search and the pinned forward ---
 
-    def _attend(self, q, k, v, attn_mask, is_causal) -> torch.Tensor:
+    def _attend(self, q, k, v, attn_mask, is_causal, heads: Optional[torch.Tensor] = None) -> torch.Tensor:
         if self.fused_attn:
             x = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=attn_mask, is_causal=is_causal,
@@ -92,11 +119,18 @@ class AttentionSlot(nn.Module):
         if self.pinned_op is not None:
             return self._forward_pinned(x, attn_mask, is_causal)
         B, N, _ = x.shape
-        gates = self.gate_values if self.gate_values is not None else attention_gates(self.gate_logits, self.training, self.gate_noise)
-        c_msa, c3, c1 = attention_coefficients(gates).unbind(0)
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         a = self._attend(q, k, v, attn_mask, is_causal)
+        if self.head_logits is not None:      # the kept heads of msa
+            hg = self.head_values if self.head_values is not None else sample_gates(self.head_logits, self.training,
+                                                                                  self.gate_noise)
+            a = a * hg.repeat_interleave(self.head_dim)
+        if not self.op_gates:                 # a space without conv ops: msa in every block
+            return self.proj_drop(self.proj(a))
+        gates = self.gate_values if self.gate_values is not None else attention_gates(self.gate_logits, self.training,
+                                                                                      self.gate_noise)
+        c_msa, c3, c1 = attention_coefficients(gates).unbind(0)
 
         # O_k = sum_h P[h,k] W_o^h, so a conv output O z is the MSA projection of z placed in
         # every head slot h with weight sum_k P[h,k] (conv3x3) or P[h,centre] (conv1x1): the conv
@@ -135,10 +169,17 @@ class AttentionSlot(nn.Module):
         B, N, C = x.shape
         if op == 'skip':
             return x.new_zeros(B, N, self.proj.out_features)
-        if op == 'msa':
+        if op == 'msa' and self.pinned_heads is None:
             qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)
             q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
             return self.proj_drop(self.proj(self._attend(q, k, v, attn_mask, is_causal)))
+        if op == 'msa':
+            heads = self.pinned_heads
+            rows, cols = self.head_channels(heads)
+            qkv = F.linear(x, self.qkv.weight[rows], None if self.qkv.bias is None else self.qkv.bias[rows])
+            q, k, v = qkv.reshape(B, N, 3, len(heads), self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+            a = self._attend(q, k, v, attn_mask, is_causal, heads)
+            return self.proj_drop(F.linear(a, self.proj.weight[:, cols], self.proj.bias))
         mix = self.mixing()
         hd = self.head_dim
         w_v = self.qkv.weight[2 * self.num_heads * hd:]
@@ -166,8 +207,8 @@ class WindowAttentionSlot(AttentionSlot):
     mask. There are no prefix tokens.
     """
 
-    def __init__(self, attn: nn.Module, theta0: float = 1.5, alpha: float = 0.01) -> None:
-        super().__init__(attn, attn.window_size, 0, theta0=theta0, alpha=alpha)
+    def __init__(self, attn: nn.Module, theta0: float = 1.5, alpha: float = 0.01, head_gates: bool = False) -> None:
+        super().__init__(attn, attn.window_size, 0, theta0=theta0, alpha=alpha, head_gates=head_gates)
         self.window_area = attn.window_area
         self.relative_position_bias_table = attn.relative_position_bias_table
         self.register_buffer('relative_position_index', attn.relative_position_index, persistent=False)
@@ -175,10 +216,12 @@ class WindowAttentionSlot(AttentionSlot):
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         return super().forward(x, attn_mask=mask)
 
-    def _attend(self, q, k, v, mask, is_causal) -> torch.Tensor:
+    def _attend(self, q, k, v, mask, is_causal, kept: Optional[torch.Tensor] = None) -> torch.Tensor:
         from timm.models.swin_transformer import WindowAttention
         B_, heads, N, _ = q.shape
-        bias = WindowAttention._get_rel_pos_bias(self)                    # (1, heads, N, N)
+        bias = WindowAttention._get_rel_pos_bias(self)                    # (1, all heads, N, N)
+        if kept is not None:
+            bias = bias[:, kept]
         if mask is not None:
             num_win = mask.shape[0]
             mask = mask.view(1, num_win, 1, N, N).expand(B_ // num_win, -1, heads, -1, -1)

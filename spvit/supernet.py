@@ -6,6 +6,7 @@ adapter in ``ADAPTERS`` that knows where its blocks are and what their FLOPs dep
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Type
 
 import torch
@@ -65,10 +66,10 @@ class VitAdapter:
         return [BlockDims(tokens=h * w + npt, patches=h * w, dim=model.embed_dim, heads=blk.attn.num_heads,
                           hidden=blk.mlp.fc1.out_features) for blk in model.blocks]
 
-    def attach(self, model: nn.Module, theta0: float, alpha: float) -> None:
+    def attach(self, model: nn.Module, theta0: float, alpha: float, head_gates: bool = False) -> None:
         grid, npt = tuple(model.patch_embed.grid_size), model.num_prefix_tokens
         for blk in model.blocks:
-            blk.attn = AttentionSlot(blk.attn, grid, npt, theta0=theta0, alpha=alpha)
+            blk.attn = AttentionSlot(blk.attn, grid, npt, theta0=theta0, alpha=alpha, head_gates=head_gates)
             blk.mlp = MlpSlot(blk.mlp, theta0=theta0)
 
 
@@ -119,14 +120,30 @@ class SwinAdapter:
                                   hidden=blk.mlp.fc1.out_features, windows=(h // wh) * (w // ww)))
         return dims
 
-    def attach(self, model: nn.Module, theta0: float, alpha: float) -> None:
+    def attach(self, model: nn.Module, theta0: float, alpha: float, head_gates: bool = False) -> None:
         for blk in self.blocks(model):
-            blk.attn = WindowAttentionSlot(blk.attn, theta0=theta0, alpha=alpha)
+            blk.attn = WindowAttentionSlot(blk.attn, theta0=theta0, alpha=alpha, head_gates=head_gates)
             blk.mlp = MlpSlot(blk.mlp, theta0=theta0)
 
 
 # Registry: model class -> adapter. Subclasses (e.g. VisionTransformerDistilled) match their base.
 ADAPTERS: List[Any] = [VitAdapter(), SwinAdapter()]
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """What the gates of a block choose: the attention op (skip / conv1x1 / conv3x3 / msa), the heads
+    msa keeps, or both; MLP units always."""
+    ops: bool
+    heads: bool
+    about: str
+
+
+SEARCH_SPACES: Dict[str, SearchSpace] = {
+    'spvit': SearchSpace(ops=True, heads=False, about='the paper: msa, conv3x3, conv1x1 or skip per block'),
+    'heads': SearchSpace(ops=False, heads=True, about='width only: every block keeps msa with 1..H of its heads'),
+    'full': SearchSpace(ops=True, heads=True, about='both: the op of each block, and the heads msa keeps'),
+}
 
 
 def find_adapter(model: nn.Module):
@@ -140,6 +157,13 @@ def find_adapter(model: nn.Module):
 def mlp_importance(slot: MlpSlot) -> torch.Tensor:
     """|fc1 row|_1 * |fc2 column|_1 per hidden unit: which units to keep when only a count is given."""
     return slot.fc1.weight.detach().abs().sum(1) * slot.fc2.weight.detach().abs().sum(0)
+
+
+def head_importance(slot: AttentionSlot) -> torch.Tensor:
+    """Per head: |its qkv rows|_1 * |its proj columns|_1, the MLP units' magnitude score for heads."""
+    heads = torch.arange(slot.num_heads, device=slot.qkv.weight.device)
+    return torch.stack([slot.qkv.weight.detach()[slot.head_channels(h[None])[0]].abs().sum()
+                        * slot.proj.weight.detach()[:, slot.head_channels(h[None])[1]].abs().sum() for h in heads])
 
 
 def top_units(scores: torch.Tensor, count: int) -> torch.Tensor:
@@ -162,9 +186,12 @@ class SuperNet(nn.Module):
             theta0: float = 1.5,
             alpha: float = 0.01,
             needs_msa: bool = False,
+            search_space: str = 'spvit',
     ) -> None:
         super().__init__()
         self.model = model
+        self.search_space = search_space
+        self.space = SEARCH_SPACES[search_space]
         self.needs_msa = needs_msa     # the head reads only prefix tokens: some block must keep msa
         self.theta0 = theta0
         self.alpha = alpha
@@ -192,7 +219,14 @@ class SuperNet(nn.Module):
         return self.fixed_flops + msa_block_flops(self.block_dims)
 
     def gate_parameters(self) -> List[nn.Parameter]:
-        return [s.gate_logits for pair in self._slots for s in pair]
+        """Per block: the attention op gates (if the space has ops), the head gates (if it has heads),
+        the MLP unit gates."""
+        params = []
+        for a, m in self._slots:
+            params += [a.gate_logits] if self.space.ops else []
+            params += [a.head_logits] if a.head_logits is not None else []
+            params.append(m.gate_logits)
+        return params
 
     def set_gate_noise(self, scale: float) -> None:
         """Scale of the gates' sampling noise in training (1: the paper's relaxed Bernoulli, 0: none)."""
@@ -206,7 +240,10 @@ class SuperNet(nn.Module):
         costs = []
         for b, (a, m) in zip(self.block_dims, self._slots):
             f1, f3, fm = (attn_flops(b, op) for op in ATTN_OPS[1:])
-            costs.append(torch.tensor([f1, f3 - f1, fm - f3], dtype=torch.float64) / self.original_flops)
+            if self.space.ops:
+                costs.append(torch.tensor([f1, f3 - f1, fm - f3], dtype=torch.float64) / self.original_flops)
+            if a.head_logits is not None:
+                costs.append(torch.full((a.num_heads,), attn_flops(b, 'msa', 1) / self.original_flops, dtype=torch.float64))
             costs.append(torch.full((m.hidden_features,), mlp_flops(b, 1) / self.original_flops, dtype=torch.float64))
         return [c.float() for c in costs]
 
@@ -218,7 +255,8 @@ class SuperNet(nn.Module):
 
     def flops(self) -> torch.Tensor:
         """Analytic GFLOPs under the deterministic gates, differentiable in the gate logits."""
-        total = sum(gated_block_flops(b, penalty_attention_gates(a.gate_logits), deterministic_gates(m.gate_logits))
+        total = sum(gated_block_flops(b, penalty_attention_gates(a.gate_logits), deterministic_gates(m.gate_logits),
+                                      None if a.head_logits is None else deterministic_gates(a.head_logits))
                     for b, (a, m) in zip(self.block_dims, self._slots))
         return (total + self.fixed_flops) / 1e9
 
@@ -229,10 +267,11 @@ class SuperNet(nn.Module):
     def min_flops(self) -> int:
         """The cheapest reachable architecture: every block skip with one hidden unit (one block
         msa if the head reads the class token)."""
-        arch = self.uniform_arch('skip', 1)
-        if self.needs_msa:
-            cheapest = min(range(len(self.block_dims)), key=lambda i: attn_flops(self.block_dims[i], 'msa'))
-            arch.blocks[cheapest] = BlockArch('msa', 1)
+        heads = 1 if self.space.heads else None
+        arch = self.uniform_arch('skip' if self.space.ops else 'msa', 1, heads)
+        if self.needs_msa and self.space.ops:
+            cheapest = min(range(len(self.block_dims)), key=lambda i: attn_flops(self.block_dims[i], 'msa', heads))
+            arch.blocks[cheapest] = BlockArch('msa', 1, None if heads is None else [0])
         return arch_flops(self.block_dims, self.fixed_flops, arch)
 
     def land_on(self, target_flops: float) -> int:
@@ -293,11 +332,13 @@ class SuperNet(nn.Module):
         blocks = []
         for a, m in self._slots:
             if a.pinned_op is not None and m.kept is not None:
-                blocks.append(BlockArch(a.pinned_op, int(m.kept.numel())))
+                heads = None if a.pinned_heads is None else a.pinned_heads.tolist()
+                blocks.append(BlockArch(a.pinned_op, int(m.kept.numel()), heads))
                 continue
             g = torch.cumprod((a.gate_logits.detach() > 0).long(), 0)
             mask = m.gate_logits.detach() > 0
-            blocks.append(BlockArch(ATTN_OPS[int(g.sum())], max(1, int(mask.sum()))))
+            op = ATTN_OPS[int(g.sum())]
+            blocks.append(BlockArch(op, max(1, int(mask.sum())), a.kept_heads() if op == 'msa' else None))
         return Architecture(model=self.model_name, model_kwargs=dict(self.model_kwargs), blocks=blocks)
 
     def kept_units(self) -> List[torch.Tensor]:
@@ -307,7 +348,7 @@ class SuperNet(nn.Module):
         return [mask.nonzero().flatten() for mask in self.mlp_masks()]
 
     def validate(self, arch: Architecture) -> None:
-        arch.validate([b.hidden for b in self.block_dims])
+        arch.validate([b.hidden for b in self.block_dims], max_heads=[b.heads for b in self.block_dims])
 
     def pin(self, arch: Architecture, kept: Optional[Sequence[torch.Tensor]] = None) -> None:
         """Make the forward compute exactly ``arch``. ``kept`` gives each block's hidden-unit indices;
@@ -320,7 +361,7 @@ class SuperNet(nn.Module):
                 if idx.numel() != b.mlp_hidden:
                     raise ArchitectureError(f'block {i}: {idx.numel()} kept units but mlp_hidden is {b.mlp_hidden}')
         for i, (b, (a, m)) in enumerate(zip(arch.blocks, self._slots)):
-            a.pin(b.attn)
+            a.pin(b.attn, b.heads)
             m.pin(kept[i] if kept is not None else top_units(mlp_importance(m), b.mlp_hidden))
 
     def pin_current(self) -> None:
@@ -336,8 +377,16 @@ class SuperNet(nn.Module):
     def pinned(self) -> bool:
         return all(a.pinned_op is not None for a in self.attn_slots)
 
-    def uniform_arch(self, op: str, hidden: Optional[int] = None) -> Architecture:
-        blocks = [BlockArch(op, hidden or b.hidden) for b in self.block_dims]
+    def magnitude_heads(self, count: int) -> List[Optional[List[int]]]:
+        """Per block, the ``count`` heads of largest magnitude (None where that is every head)."""
+        return [None if count >= a.num_heads else top_units(head_importance(a), count).tolist() for a in self.attn_slots]
+
+    def uniform_arch(self, op: str, hidden: Optional[int] = None, heads: Optional[int] = None) -> Architecture:
+        """Every block ``op`` with ``hidden`` MLP units (None: all) and, for msa, its first ``heads``
+        heads (None: all)."""
+        blocks = [BlockArch(op, hidden or b.hidden,
+                            None if op != 'msa' or heads is None or heads >= b.heads else list(range(heads)))
+                  for b in self.block_dims]
         return Architecture(model=self.model_name, model_kwargs=dict(self.model_kwargs), blocks=blocks)
 
 
@@ -347,12 +396,16 @@ def attach_search_space(
         alpha: float = 0.01,
         model_name: Optional[str] = None,
         model_kwargs: Optional[Dict[str, Any]] = None,
+        search_space: str = 'spvit',
 ) -> SuperNet:
     """Turn a pretrained timm model into a supernet, in place: its blocks' attention and MLP are
     replaced by search slots that read the same parameters. ``copy.deepcopy`` the model first to
     keep the original. ``model_name``/``model_kwargs`` (what ``timm.create_model`` was given) are
     recorded in architectures; the name defaults to the model's pretrained config.
     """
+    if search_space not in SEARCH_SPACES:
+        raise ValueError(f'unknown search space {search_space!r}; expected one of {", ".join(SEARCH_SPACES)}')
+    space = SEARCH_SPACES[search_space]
     adapter = find_adapter(model)
     adapter.check(model)
     if model_name is None:
@@ -362,7 +415,11 @@ def attach_search_space(
     dims = adapter.block_dims(model)
     input_size = adapter.input_size(model)
     total, _ = measure_flops(model, input_size)
-    adapter.attach(model, theta0, alpha)
+    adapter.attach(model, theta0, alpha, head_gates=space.heads)
     slots = [(blk.attn, blk.mlp) for blk in adapter.blocks(model)]
+    if not space.ops:           # msa in every block: the op gates stay open and untrained
+        for a, _ in slots:
+            a.gate_logits.requires_grad_(False)
+            a.op_gates = False
     return SuperNet(model, model_name, model_kwargs or {}, dims, total - msa_block_flops(dims), input_size, slots,
-                    theta0=theta0, alpha=alpha, needs_msa=classifies_from_prefix_tokens(model))
+                    theta0=theta0, alpha=alpha, needs_msa=classifies_from_prefix_tokens(model), search_space=search_space)

@@ -76,15 +76,20 @@ def randomize_batchnorm(supernet, seed=0):
             bn.bias.data.copy_(torch.randn(bn.num_features, generator=g) * 0.1)
 
 
-def random_arch(supernet, seed):
-    """A random architecture using all four ops, and random kept units."""
+def random_arch(supernet, seed, heads=False):
+    """A random architecture using all four ops, and random kept units (and, with ``heads``, a
+    random proper subset of heads in every msa block)."""
     g = torch.Generator().manual_seed(seed)
     n = len(supernet.block_dims)
     ops = [spvit.ATTN_OPS[i % 4] for i in torch.randperm(n, generator=g).tolist()]
     blocks, kept = [], []
     for op, dims in zip(ops, supernet.block_dims):
         width = int(torch.randint(1, dims.hidden + 1, (1,), generator=g))
-        blocks.append(spvit.BlockArch(op, width))
+        kept_heads = None
+        if heads and op == 'msa':
+            count = int(torch.randint(1, dims.heads, (1,), generator=g))
+            kept_heads = torch.randperm(dims.heads, generator=g)[:count].tolist()
+        blocks.append(spvit.BlockArch(op, width, kept_heads))
         kept.append(torch.randperm(dims.hidden, generator=g)[:width].sort().values)
     arch = spvit.Architecture(model=supernet.model_name, model_kwargs=supernet.model_kwargs, blocks=blocks)
     return arch, kept

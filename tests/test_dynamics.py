@@ -69,7 +69,9 @@ def test_fisher_scores_are_zero_for_unused_units_and_ranked_logits_keep_theta0(s
             m.fc2.weight[:, d] = 0
     g = torch.Generator().manual_seed(0)
     batches = [(torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 10, (8,), generator=g)) for _ in range(2)]
-    attn, scores = gate_fisher(supernet, batches)
+    fisher = gate_fisher(supernet, batches)
+    attn, scores = fisher.attn, fisher.mlp
+    assert fisher.heads == [None] * 4                              # the paper's space has no head gates
     for s, d in zip(scores, dead):
         assert (s[d] == 0).all() and (s.sum() > 0)
     assert all(a[2] > 0 for a in attn)                            # every msa matters at first
@@ -78,7 +80,7 @@ def test_fisher_scores_are_zero_for_unused_units_and_ranked_logits_keep_theta0(s
     flat = torch.cat(logits)
     assert flat.mean().item() == pytest.approx(1.5, abs=1e-4)
     assert flat.min().item() == pytest.approx(0.5) and flat.max().item() == pytest.approx(2.5)
-    init_from_importance(supernet, attn, scores, 1.0)
+    init_from_importance(supernet, fisher, 1.0)
     assert all(a.gate_logits[:2].tolist() == [1.5, 1.5] for a in supernet.attn_slots)
     live = [torch.ones(256, dtype=torch.bool).index_fill_(0, d, False) for d in dead]
     dead_logits = torch.cat([m.gate_logits[d] for m, d in zip(supernet.mlp_slots, dead)])
@@ -104,7 +106,7 @@ def test_useful_units_stay_open_while_unused_ones_close_first():
         with torch.no_grad():
             return x, teacher(x).argmax(1)
 
-    init_from_importance(supernet, *gate_fisher(supernet, [batch() for _ in range(4)]), spread=importance_spread(1.5))
+    init_from_importance(supernet, gate_fisher(supernet, [batch() for _ in range(4)]), spread=importance_spread(1.5))
     supernet.train()
     for a in supernet.attn_slots:           # msa throughout: only the MLP units are searched here
         a.gate_logits.data.fill_(20.0)

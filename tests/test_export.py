@@ -14,24 +14,28 @@ from spvit.checkpoint import atomic_save
 from spvit.errors import ArchitectureError, CheckpointError
 from spvit.export import build_from_arch, export_search, export_supernet, to_hybrid
 from spvit.flops import measure_flops
-from spvit.hybrid import ConvAttention, NoAttention
+from spvit.hybrid import ConvAttention, HeadAttention, NoAttention
 from spvit.pruned import PRUNED_FORMAT, load_pruned, read_pruned
 
 from conftest import (SMALL, randomize_batchnorm, randomize_mixing, random_arch, search_payload, set_gates,
                       supernet_and_original)
 
-CASES = [('vit_tiny_patch16_224', SMALL, 0), ('deit_tiny_patch16_224', {}, 1), ('deit_tiny_distilled_patch16_224', {}, 2)]
+# (model, kwargs, seed, msa blocks keep a subset of their heads)
+CASES = [('vit_tiny_patch16_224', SMALL, 0, False), ('deit_tiny_patch16_224', {}, 1, False),
+         ('deit_tiny_distilled_patch16_224', {}, 2, False), ('vit_tiny_patch16_224', SMALL, 3, True)]
 
 
-@pytest.fixture(scope='module', params=CASES, ids=[c[0] if not c[1] else 'small_vit' for c in CASES])
+@pytest.fixture(scope='module', params=CASES,
+                ids=[(c[0] if not c[1] else 'small_vit') + ('_heads' if c[3] else '') for c in CASES])
 def case(request):
     """A supernet with non-trivial BatchNorm and head mixing, pinned to a random architecture
     using all four ops, and its export."""
-    name, kwargs, seed = request.param
+    name, kwargs, seed, heads = request.param
     supernet, original = supernet_and_original(name, **kwargs)
     randomize_batchnorm(supernet, seed)
     randomize_mixing(supernet, seed)
-    arch, kept = random_arch(supernet, seed)
+    arch, kept = random_arch(supernet, seed, heads)
+    assert not heads or any(b.heads for b in arch.blocks)
     assert {b.attn for b in arch.blocks} == set(spvit.ATTN_OPS)
     supernet.pin(arch, kept)
     supernet.eval()
@@ -59,7 +63,8 @@ def test_plain_modules_and_parameter_count(case):
     model, original = case.model, case.original
     assert type(model) is type(original)
     kinds = {'skip': NoAttention, 'conv1x1': ConvAttention, 'conv3x3': ConvAttention, 'msa': timm.layers.Attention}
-    assert [type(blk.attn) for blk in model.blocks] == [kinds[b.attn] for b in case.arch.blocks]
+    assert [type(blk.attn) for blk in model.blocks] == [HeadAttention if b.heads else kinds[b.attn]
+                                                        for b in case.arch.blocks]
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     assert not any('gate' in n or 'head_assign' in n for n, _ in model.named_parameters())
     assert not any(n.startswith('spvit.slots') or n.startswith('spvit.supernet') for n in
@@ -71,7 +76,9 @@ def test_plain_modules_and_parameter_count(case):
     need = _params(original) - sum(_params(blk.attn) + _params(blk.mlp) for blk in original.blocks)
     for b, blk in zip(case.arch.blocks, original.blocks):
         k = {'conv1x1': 1, 'conv3x3': 3}.get(b.attn)
-        need += {'skip': -_params(blk.norm1), 'msa': _params(blk.attn)}.get(b.attn, 0) if k is None \
+        share = 1 if b.heads is None else len(b.heads) / blk.attn.num_heads     # qkv, proj: one share per head
+        msa = share * (_params(blk.attn) - d) + d                                 # proj bias: whole
+        need += {'skip': -_params(blk.norm1), 'msa': msa}.get(b.attn, 0) if k is None \
             else d * hd * k * k + hd + hd * d + d
         need += d * b.mlp_hidden + b.mlp_hidden + b.mlp_hidden * d + d
     assert _params(model) == need

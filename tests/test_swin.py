@@ -74,16 +74,18 @@ def test_untiled_feature_map_is_refused():
         spvit.attach_search_space(model)
 
 
-@pytest.mark.parametrize('seed', [0, 1])
-def test_export_matches_pinned_supernet(swin, seed, tmp_path):
-    from conftest import randomize_mixing, set_gates
+@pytest.mark.parametrize('seed,heads', [(0, False), (1, False), (2, True)])
+def test_export_matches_pinned_supernet(swin, seed, heads, tmp_path):
+    """Exact export, also of msa blocks that keep some of their heads (and those heads' relative
+    position bias)."""
+    from conftest import randomize_mixing
     from spvit.export import export_supernet
     supernet, _ = swin
-    arch, kept = random_arch(supernet, seed)
+    arch, kept = random_arch(supernet, seed, heads)
+    assert not heads or any(b.heads for b in arch.blocks)
     randomize_batchnorm(supernet, seed)
     randomize_mixing(supernet, seed)
-    set_gates(supernet, arch, kept)
-    supernet.pin_current()
+    supernet.pin(arch, kept)
     supernet.eval()
     exported = export_supernet(supernet)
     path = str(tmp_path / 'swin.pth')
