@@ -2,7 +2,7 @@
 FLOPs and equal training, on Fashion-MNIST, through the real tools.
 
     python benchmarks/search_quality.py                       # ratios 0.6 0.45 0.3
-    python benchmarks/search_quality.py --ratios 0.45 --json
+    python benchmarks/search_quality.py --ratios 0.45 --methods spvit uniform --json
 
 Data: Fashion-MNIST through the demo's folder writer, the whole 10k test split as val/. The
 starting model is a ViT (vit_tiny_patch16_224 at img 32, patch 4, depth 6: embed 192, 3 heads, 65
@@ -18,6 +18,9 @@ target ratio:
 - uniform: tools/export.py --arch with every block msa and every MLP keeping the same number of
   units (the magnitude-kept ones), at the FLOPs of the target; fine-tuned 1 and 2 epochs with the
   same recipe. Below the ratio where all-msa leaves no MLP budget there is no such baseline.
+- full: spvit's runs in --search-space full (heads as well as ops).
+- uniform-heads: every block msa with the same number of heads (largest by magnitude) and of MLP
+  units, which reaches below the all-msa floor.
 
 Every number is the last epoch's top-1 on the 10k test images. Every search also reports how far
 it landed from its target and the largest GFLOPs move between two log steps, as a share of the
