@@ -45,12 +45,6 @@ class BlockArch:
                 raise ArchitectureError(f"heads must be a non-empty list of distinct head indices, got {self.heads!r}")
             self.heads = sorted(self.heads)
 
-    def num_heads(self, total: int) -> int:
-        """Kept heads of a block with ``total`` heads (0 for conv ops and skip)."""
-        if self.attn != 'msa':
-            return 0
-        return total if self.heads is None else len(self.heads)
-
 
 @dataclass
 class Architecture:

@@ -215,12 +215,13 @@ def check_token_path(model: nn.Module, arch: Architecture) -> None:
 def hybridize(model: nn.Module, arch: Architecture) -> nn.Module:
     """Give an unmodified timm model the structure of ``arch``, in place: attention modules
     replaced per op (a skipped block loses its attention pre-norm as well, which nothing would
-    read), msa with kept heads narrowed to them, MLPs shrunk to their kept width. Weights of replaced parts are random; the exporter and
-    ``load_pruned`` fill them from a state dict."""
+    read), msa with kept heads narrowed to them, MLPs shrunk to their kept width. Weights of
+    replaced parts are random; the exporter and ``load_pruned`` fill them from a state dict."""
     from timm.layers import Attention
     from timm.models.swin_transformer import WindowAttention
     blocks = layout(model)
-    arch.validate([blk.mlp.fc1.out_features for blk, _, _ in blocks], max_heads=[blk.attn.num_heads for blk, _, _ in blocks])
+    arch.validate([blk.mlp.fc1.out_features for blk, _, _ in blocks],
+                  max_heads=[blk.attn.num_heads for blk, _, _ in blocks])
     check_token_path(model, arch)
     for i, ((blk, grid, npt), b) in enumerate(zip(blocks, arch.blocks)):
         if type(blk.attn) not in (Attention, WindowAttention):
@@ -235,5 +236,5 @@ def hybridize(model: nn.Module, arch: Architecture) -> nn.Module:
     return model
 
 
-__all__ = ['ConvAttention', 'NoAttention', 'HeadAttention', 'keep_heads', 'ATTENTION_BUILDERS', 'prune_mlp', 'mlp_widths', 'layout', 'hybridize',
-           'classifies_from_prefix_tokens', 'check_token_path']
+__all__ = ['ConvAttention', 'NoAttention', 'HeadAttention', 'keep_heads', 'ATTENTION_BUILDERS', 'prune_mlp',
+           'mlp_widths', 'layout', 'hybridize', 'classifies_from_prefix_tokens', 'check_token_path']
