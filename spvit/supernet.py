@@ -161,9 +161,10 @@ def mlp_importance(slot: MlpSlot) -> torch.Tensor:
 
 def head_importance(slot: AttentionSlot) -> torch.Tensor:
     """Per head: |its qkv rows|_1 * |its proj columns|_1, the MLP units' magnitude score for heads."""
-    heads = torch.arange(slot.num_heads, device=slot.qkv.weight.device)
-    return torch.stack([slot.qkv.weight.detach()[slot.head_channels(h[None])[0]].abs().sum()
-                        * slot.proj.weight.detach()[:, slot.head_channels(h[None])[1]].abs().sum() for h in heads])
+    hd = slot.head_dim
+    qkv = slot.qkv.weight.detach().abs().reshape(3, slot.num_heads, hd, -1).sum((0, 2, 3))
+    proj = slot.proj.weight.detach().abs().reshape(-1, slot.num_heads, hd).sum((0, 2))
+    return qkv * proj
 
 
 def top_units(scores: torch.Tensor, count: int) -> torch.Tensor:
