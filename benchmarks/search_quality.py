@@ -44,8 +44,13 @@ MODEL = ['--model', 'vit_tiny_patch16_224', '--model-kwargs', 'img_size=32', 'pa
 # The starting model plays a user's pretrained model: trained on the whole training split (60k
 # images; the search and the fine-tunes see only their first --train-per-class of each class).
 PRETRAIN_PER_CLASS = 6000
-PRETRAIN_EPOCHS = 8
-PRETRAIN = ['--batch-size', '128', '--epochs', str(PRETRAIN_EPOCHS), '--lr', '4e-3', '--warmup-epochs', '1']
+# Two stages, each cached in its own folder: 8 epochs with the light augmentation (70.9 -> 85.9%,
+# still rising), then 5 more from there at half the peak lr on whole images (no random crop), which
+# takes the model past 88% for less than the 2x longer single run it would otherwise need.
+PRETRAIN_STAGES = (
+    ('pretrain', ['--batch-size', '128', '--epochs', '8', '--lr', '4e-3', '--warmup-epochs', '1']),
+    ('pretrain2', ['--batch-size', '128', '--epochs', '5', '--lr', '2e-3', '--warmup-epochs', '0', '--scale', '1', '1']),
+)
 
 
 def finished(run_dir: str, epochs: int) -> bool:
@@ -197,6 +202,25 @@ def table(start: Dict[str, Any], results: List[Dict[str, Any]], methods: List[st
     return '\n'.join(lines)
 
 
+def pretrain(work: str, common: List[str]) -> str:
+    """Train (or reuse) the starting model stage by stage; a stage is reused only when it and every
+    stage before it ran the same command to the end."""
+    import shutil
+    key, checkpoint = shlex.join([*MODEL, *DATA, *LIGHT_AUG, '--train-per-class', str(PRETRAIN_PER_CLASS)]), []
+    for name, args in PRETRAIN_STAGES:
+        out = os.path.join(work, name)
+        key += '\n' + shlex.join(args)
+        stamp = os.path.join(out, 'command.txt')
+        epochs = int(args[args.index('--epochs') + 1])
+        if not (os.path.exists(stamp) and open(stamp).read() == key and finished(out, epochs)):
+            shutil.rmtree(out, ignore_errors=True)
+            sh([*tool('finetune.py'), *MODEL, *common, *checkpoint, '--output-dir', out, *args])
+            with open(stamp, 'w') as f:
+                f.write(key)
+        checkpoint = ['--checkpoint', os.path.join(out, 'last.pth')]
+    return checkpoint[1]
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('--ratios', type=float, nargs='+', default=[0.6, 0.45, 0.3], help='FLOPs target ratios')
@@ -224,19 +248,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                        args.val_per_class)
     common = ['--data-dir', data, *DATA, *LIGHT_AUG]
 
-    pre = os.path.join(args.work, 'pretrain')
-    key = shlex.join([*MODEL, *DATA, *LIGHT_AUG, *PRETRAIN, '--train-per-class', str(PRETRAIN_PER_CLASS)])
-    stamp = os.path.join(pre, 'command.txt')
-    if args.start:
-        start = args.start
-    else:
-        if not (os.path.exists(stamp) and open(stamp).read() == key and finished(pre, PRETRAIN_EPOCHS)):
-            import shutil
-            shutil.rmtree(pre, ignore_errors=True)
-            sh([*tool('finetune.py'), *MODEL, *common, '--output-dir', pre, *PRETRAIN])
-            with open(stamp, 'w') as f:
-                f.write(key)
-        start = os.path.join(pre, 'last.pth')
+    start = args.start or pretrain(args.work, common)
     from spvit.flops import measure_flops
     from spvit.pruned import read_pruned
     top1 = json.loads(sh([*tool('eval.py'), '--pruned', start, '--data-dir', data, *DATA, '--json'], capture=True))['top1']

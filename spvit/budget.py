@@ -31,6 +31,18 @@ def penalty(gflops: torch.Tensor, target: float, form: str, scale: float) -> tor
     return ((gflops - target) / scale) ** 2 if form == 'relative' else (gflops - target) ** 2
 
 
+# The default target falls by RAMP_SPEED of the original FLOPs over a search, over at most MAX_RAMP
+# of it: a shallow budget is reached early and the weights train longer on the architecture they
+# will keep, a deep one still closes a few gates at a time.
+RAMP_SPEED = 0.8
+MAX_RAMP = 0.75
+
+
+def default_ramp(goal_ratio: float) -> float:
+    """Fraction of the steps the target takes to fall from the original FLOPs to ``goal_ratio`` of them."""
+    return min(MAX_RAMP, (1.0 - goal_ratio) / RAMP_SPEED)
+
+
 class BudgetSchedule:
     """The FLOPs target at each step: linear from the original FLOPs to the goal over ``ramp`` of the steps."""
 

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from . import data as D
 from .arch import Architecture
-from .budget import BudgetSchedule, FlopsDrive, PerFlopGateStep, penalty
+from .budget import MAX_RAMP, RAMP_SPEED, BudgetSchedule, FlopsDrive, PerFlopGateStep, default_ramp, penalty
 from .checkpoint import SEARCH_FORMAT, atomic_save, load_file, supernet_record
 from .config import ConfigError, field, parse_config
 from .distillation import distillation_task, prepare_teacher
@@ -59,8 +59,11 @@ class SearchConfig(ModelOptions, DataOptions, TrainOptions, DistillOptions):
                                      f'{PER_FLOP_REACH:g} for per-flop, {ARCH_LR_REACH:g} for adamw)')
     settle_fraction: float = field(0.1, 'final fraction of the planned steps in which the attention ops and heads are '
                                    'frozen and only the MLP units move, to meet the budget in fine steps (0: never)')
-    budget_ramp: float = field(0.75, 'fraction of the planned steps over which the FLOPs target falls linearly from the '
-                               "original model's FLOPs to the budget, so that a few gates close at a time (0: the paper)")
+    budget_ramp: Optional[float] = field(None, 'fraction of the planned steps over which the FLOPs target falls '
+                                         "linearly from the original model's FLOPs to the budget, so that a few gates "
+                                         f'close at a time (default: the target falls by {RAMP_SPEED:g} of the '
+                                         f'original FLOPs per search, over at most {MAX_RAMP:g} of it: 0.5 for a '
+                                         'budget of 0.6; 0: the paper)')
     budget_integral: float = field(0.2, 'per-flop: time constant, as a fraction of the planned steps, of the integral '
                                    'term that pushes the gates harder while the FLOPs stay above the target (0: off)')
     gate_init: str = field('importance', 'importance: the logits of MLP units and msa gates start spread around theta0 '
@@ -108,13 +111,15 @@ def importance_spread(theta0: float) -> float:
     return max(0.0, theta0 - 0.1)
 
 
-def check_schedule(cfg: SearchConfig) -> None:
+def check_schedule(cfg: SearchConfig, goal_ratio: float) -> float:
+    """Validate the schedule options; returns the target ramp (its default follows the budget)."""
     for name in ('settle_fraction', 'budget_ramp', 'budget_integral'):
         value = getattr(cfg, name)
-        if not 0 <= value < 1:
+        if value is not None and not 0 <= value < 1:
             raise ConfigError(f'--{name.replace("_", "-")} must be in [0, 1), got {value}')
-    if cfg.budget_ramp + cfg.settle_fraction > 1:
-        raise ConfigError(f'--budget-ramp {cfg.budget_ramp} and --settle-fraction {cfg.settle_fraction} add up to more '
+    ramp = default_ramp(goal_ratio) if cfg.budget_ramp is None else cfg.budget_ramp
+    if ramp + cfg.settle_fraction > 1:
+        raise ConfigError(f'--budget-ramp {ramp:g} and --settle-fraction {cfg.settle_fraction} add up to more '
                           'than the whole search: the attention ops would freeze before the target is reached')
     if cfg.importance_batches < 1:
         raise ConfigError(f'--importance-batches must be at least 1, got {cfg.importance_batches}')
@@ -122,6 +127,7 @@ def check_schedule(cfg: SearchConfig) -> None:
         raise ConfigError(f'--arch-lr must be positive, got {cfg.arch_lr}')
     if not cfg.loss_lambda > 0:
         raise ConfigError(f'--loss-lambda must be positive, got {cfg.loss_lambda}')
+    return ramp
 
 
 def weight_param_groups(supernet: SuperNet, weight_decay: float) -> List[Dict[str, Any]]:
@@ -181,9 +187,9 @@ class SearchTrainer(Trainer):
 
     def build_optimizers(self):
         cfg = self.cfg
-        check_schedule(cfg)
         original = self.supernet.original_flops / 1e9
-        self.schedule = BudgetSchedule(original, self.target, self.total_steps, ramp=cfg.budget_ramp)
+        ramp = check_schedule(cfg, self.target / original)
+        self.schedule = BudgetSchedule(original, self.target, self.total_steps, ramp=ramp)
         self.drive = self.gate_step = None
         if cfg.gate_update == 'per-flop':
             self.drive = FlopsDrive(self.target, max(1.0, cfg.budget_integral * self.total_steps)

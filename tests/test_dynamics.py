@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import spvit
-from spvit.budget import BudgetSchedule, FlopsDrive, PerFlopGateStep, penalty
+from spvit.budget import MAX_RAMP, BudgetSchedule, FlopsDrive, PerFlopGateStep, default_ramp, penalty
 from spvit.errors import ArchitectureError
 from spvit.export import build_from_arch
 from spvit.importance import gate_fisher, init_from_importance, ranked_logits
@@ -18,6 +18,10 @@ def test_ramp_and_paper_penalty():
     b = BudgetSchedule(original=1.0, goal=0.4, total_steps=100, ramp=0.5)
     assert [b.target(s) for s in (0, 25, 50, 99)] == pytest.approx([1.0, 0.7, 0.4, 0.4])
     assert BudgetSchedule(1.0, 0.4, 100).target(0) == 0.4                    # ramp 0: the paper
+    # default ramp: the same closing speed at every budget, reached early for a shallow one
+    assert default_ramp(0.6) == pytest.approx(0.5) and default_ramp(0.3) == MAX_RAMP
+    speed = [(1 - r) / default_ramp(r) for r in (0.8, 0.6, 0.45)]
+    assert speed == pytest.approx([speed[0]] * 3)
     f = torch.tensor(0.9)
     assert penalty(f, 0.4, 'absolute', 0.4).item() == pytest.approx(0.25)
     assert penalty(f, 0.4, 'relative', 0.4).item() == pytest.approx((0.5 / 0.4) ** 2)
