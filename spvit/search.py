@@ -76,6 +76,10 @@ class SearchConfig(ModelOptions, DataOptions, TrainOptions, DistillOptions):
                             'throughout), anneal (its scale falls to 0 over the target ramp, so the weights finish '
                             'training on the architecture they will be exported with), none (thresholded logits, '
                             'relaxed gradient only)', choices=('sampled', 'anneal', 'none'))
+    ops_after_ramp: str = field('down', 'once the target is reached, down: a block\'s attention op may still move '
+                                'down (msa > conv3x3 > conv1x1 > skip) but never back up, so an undershoot is '
+                                'refilled by MLP units instead of a whole msa; free: both ways (the paper)',
+                                choices=('down', 'free'))
     land: bool = field(True, 'after the last step, open or close the MLP units nearest to their threshold until the '
                        'FLOPs are on the target (within one unit)')
     importance_batches: int = field(8, 'training batches the Fisher scores of --gate-init importance are summed over')
@@ -197,6 +201,7 @@ class SearchTrainer(Trainer):
             self.gate_step = PerFlopGateStep(self.supernet.gate_costs())
         self.settle_from = int(round((1 - cfg.settle_fraction) * self.total_steps))
         self.landed = 0
+        self.op_ceiling: Optional[torch.Tensor] = None     # highest op per block once the target is reached
         reach = PER_FLOP_REACH if cfg.gate_update == 'per-flop' else ARCH_LR_REACH
         self.arch_lr = cfg.arch_lr if cfg.arch_lr is not None else max(PAPER_ARCH_LR, reach / self.total_steps)
         gates = self.supernet.gate_parameters()
@@ -286,14 +291,21 @@ class SearchTrainer(Trainer):
     def after_optimizer_step(self) -> None:
         if self.gate_step is not None:
             self.gate_step.drive(self._drive, self.optimizers['arch'].param_groups[0]['lr'])
+        ratchet = (self.supernet.space.ops and self.cfg.ops_after_ramp == 'down'
+                   and self.global_step + 1 >= self.schedule.ramp_steps)
+        if ratchet and self.op_ceiling is not None:
+            self.supernet.cap_ops(self.op_ceiling)
         self.supernet.keep_token_path()
+        if ratchet:
+            self.op_ceiling = self.supernet.op_levels()
         if self.cfg.land and self.global_step + 1 == self.total_steps:     # the last planned step
             self.landed = self.supernet.land_on(self.target * 1e9)
 
     def model_state(self) -> Dict[str, Any]:
         return {'supernet': supernet_record(self.supernet), 'target_gflops': self.target,
                 'drive': self.drive.state_dict() if self.drive is not None else None,
-                'gate_step': self.gate_step.state_dict() if self.gate_step is not None else None}
+                'gate_step': self.gate_step.state_dict() if self.gate_step is not None else None,
+                'op_ceiling': None if self.op_ceiling is None else self.op_ceiling.tolist()}
 
     def load_model_state(self, state: Dict[str, Any]) -> None:
         try:
@@ -303,6 +315,8 @@ class SearchTrainer(Trainer):
         if self.drive is not None and state.get('drive'):
             self.drive.load_state_dict(state['drive'])
             self.gate_step.load_state_dict(state['gate_step'])
+        if state.get('op_ceiling') is not None:
+            self.op_ceiling = torch.tensor(state['op_ceiling'], device=self.supernet.attn_slots[0].gate_logits.device)
 
     def evaluate(self, loader) -> Dict[str, float]:
         """The supernet under its deterministic gates, pinned so that only the chosen ops run."""

@@ -163,6 +163,23 @@ def test_keep_token_path_reopens_one_msa(small_supernet):
     assert {b.attn for b in avg.architecture().blocks} == {'conv1x1'}
 
 
+def test_cap_ops_lets_ops_only_move_down(small_supernet):
+    supernet, _ = small_supernet
+    rows = ([1.0, 1.0, 0.5], [1.0, 1.0, -0.5], [1.0, -0.2, 0.3], [-1.0, 2.0, 2.0])   # msa, conv3x3, conv1x1, skip
+    for a, row in zip(supernet.attn_slots, rows):
+        a.gate_logits.data = torch.tensor(row)
+    ceiling = supernet.op_levels()
+    assert ceiling.tolist() == [3, 2, 1, 0]
+    for a in supernet.attn_slots:                        # every op tries to rise to msa
+        a.gate_logits.data = a.gate_logits.data.abs()
+    supernet.attn_slots[1].gate_logits.data[1] = -0.1     # block 1 falls to conv1x1: allowed
+    supernet.cap_ops(ceiling)
+    assert [b.attn for b in supernet.architecture().blocks] == ['msa', 'conv1x1', 'conv1x1', 'skip']
+    # only the gate just above the ceiling moved, to just below its threshold
+    assert supernet.attn_slots[2].gate_logits.tolist() == pytest.approx([1.0, -1e-3, 0.3])
+    assert supernet.attn_slots[0].gate_logits.tolist() == pytest.approx([1.0, 1.0, 0.5])
+
+
 def test_no_token_path_is_refused_for_class_token_models_only():
     conv = [spvit.BlockArch('conv1x1', 100)] * 4
     with pytest.raises(ArchitectureError, match='no block of the architecture keeps msa'):

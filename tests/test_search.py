@@ -67,6 +67,7 @@ def test_paper_form_still_runs(image_folder, pretrained, tmp_path):
     out = tmp_path / 'run'
     search_main(args(image_folder, out, '--checkpoint', pretrained, '--target-ratio', '0.6', '--epochs', '2',
                      '--gate-update', 'adamw', '--budget-ramp', '0', '--gate-init', 'constant', '--settle-fraction', '0',
+                     '--ops-after-ramp', 'free',
                      '--arch-lr', '0.05'))
     steps = [json.loads(line) for line in open(out / 'log.jsonl')]
     steps = [r for r in steps if r['kind'] == 'step']
