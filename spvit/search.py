@@ -76,10 +76,10 @@ class SearchConfig(ModelOptions, DataOptions, TrainOptions, DistillOptions):
                             'throughout), anneal (its scale falls to 0 over the target ramp, so the weights finish '
                             'training on the architecture they will be exported with), none (thresholded logits, '
                             'relaxed gradient only)', choices=('sampled', 'anneal', 'none'))
-    ops_after_ramp: str = field('down', 'once the target is reached, down: a block\'s attention op may still move '
-                                'down (msa > conv3x3 > conv1x1 > skip) but never back up, so an undershoot is '
-                                'refilled by MLP units instead of a whole msa; free: both ways (the paper)',
-                                choices=('down', 'free'))
+    ops_after_ramp: str = field('free', 'once the target is reached, free: a block\'s attention op may move both '
+                                'ways (the paper); down: it may still fall (msa > conv3x3 > conv1x1 > skip) but never '
+                                'rise again, so an undershoot is refilled by MLP units instead of a whole msa',
+                                choices=('free', 'down'))
     land: bool = field(True, 'after the last step, open or close the MLP units nearest to their threshold until the '
                        'FLOPs are on the target (within one unit)')
     importance_batches: int = field(8, 'training batches the Fisher scores of --gate-init importance are summed over')

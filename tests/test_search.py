@@ -67,7 +67,6 @@ def test_paper_form_still_runs(image_folder, pretrained, tmp_path):
     out = tmp_path / 'run'
     search_main(args(image_folder, out, '--checkpoint', pretrained, '--target-ratio', '0.6', '--epochs', '2',
                      '--gate-update', 'adamw', '--budget-ramp', '0', '--gate-init', 'constant', '--settle-fraction', '0',
-                     '--ops-after-ramp', 'free',
                      '--arch-lr', '0.05'))
     steps = [json.loads(line) for line in open(out / 'log.jsonl')]
     steps = [r for r in steps if r['kind'] == 'step']
@@ -77,10 +76,12 @@ def test_paper_form_still_runs(image_folder, pretrained, tmp_path):
 
 
 def test_resume_is_exact(image_folder, pretrained, tmp_path):
-    common = ['--checkpoint', pretrained, '--target-ratio', '0.6', '--epochs', '2', '--arch-lr', '0.05', '--seed', '3']
+    common = ['--checkpoint', pretrained, '--target-ratio', '0.6', '--epochs', '2', '--arch-lr', '0.05', '--seed', '3',
+              '--ops-after-ramp', 'down']       # its op ceiling is part of the state
     search_main(args(image_folder, tmp_path / 'whole', *common))
     search_main(args(image_folder, tmp_path / 'split', *common, '--max-steps', '21'))
-    assert load(tmp_path / 'split' / 'checkpoint-last.pth')['global_step'] == 21
+    state = load(tmp_path / 'split' / 'checkpoint-last.pth')
+    assert state['global_step'] == 21 and len(state['op_ceiling']) == 4      # split after the ramp
     search_main(['--resume', str(tmp_path / 'split' / 'checkpoint-last.pth'), '--workers', '0'])
     whole = load(tmp_path / 'whole' / 'search-final.pth')['supernet']['state_dict']
     split = load(tmp_path / 'split' / 'search-final.pth')['supernet']['state_dict']
