@@ -308,7 +308,7 @@ class SuperNet(nn.Module):
         Runs on the device without a host sync."""
         if not self.needs_msa:
             return
-        logits = torch.stack([a.gate_logits.detach() for a in self.attn_slots])       # (blocks, 3)
+        logits = self._op_logits()
         nearest = logits.min(1).values
         reopen = (nearest <= 0).all() & (torch.arange(len(logits), device=logits.device) == nearest.argmax())
         fixed = torch.where(reopen[:, None], logits.clamp(min=1e-3), logits)
@@ -316,16 +316,22 @@ class SuperNet(nn.Module):
             for a, row in zip(self.attn_slots, fixed):
                 a.gate_logits.copy_(row)
 
+    def _op_logits(self) -> torch.Tensor:
+        return torch.stack([a.gate_logits.detach() for a in self.attn_slots])         # (blocks, 3)
+
+    @staticmethod
+    def _levels(logits: torch.Tensor) -> torch.Tensor:
+        return torch.cumprod((logits > 0).long(), 1).sum(1)
+
     def op_levels(self) -> torch.Tensor:
         """Each block's op under the deterministic gates, as its index in ATTN_OPS (on the device)."""
-        logits = torch.stack([a.gate_logits.detach() for a in self.attn_slots])       # (blocks, 3)
-        return torch.cumprod((logits > 0).long(), 1).sum(1)
+        return self._levels(self._op_logits())
 
     def cap_ops(self, ceiling: torch.Tensor) -> None:
         """Close the gate just above ``ceiling`` (op indices, as from ``op_levels``) in every block
         whose op rose over it: a projection that lets ops only move down. No host sync."""
-        logits = torch.stack([a.gate_logits.detach() for a in self.attn_slots])
-        over = self.op_levels() > ceiling
+        logits = self._op_logits()
+        over = self._levels(logits) > ceiling
         close = over[:, None] & (torch.arange(logits.shape[1], device=logits.device) == ceiling[:, None])
         fixed = torch.where(close, logits.clamp(max=-1e-3), logits)
         with torch.no_grad():
