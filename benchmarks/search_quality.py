@@ -115,6 +115,7 @@ METHODS = (*SEARCHED, *UNIFORM)
 
 def run_searched(method: str, ratio: float, out: str, start: str, common: List[str], lr: str,
                  ft: List[str]) -> Dict[str, Any]:
+    import shutil
     import torch
     prefix = '' if method == 'spvit' else f'{method}-'      # the paper's space keeps its folder names
     search = os.path.join(out, f'{prefix}search')
@@ -125,9 +126,10 @@ def run_searched(method: str, ratio: float, out: str, start: str, common: List[s
     steps = step_records(search)
     moves = [abs(a['gflops'] - b['gflops']) for a, b in zip(steps, steps[1:])]
     pruned = os.path.join(out, f'{method}.pth')
+    ft_dir = os.path.join(out, f'{method}-finetune')
     if not os.path.exists(pruned) or os.path.getmtime(pruned) < os.path.getmtime(os.path.join(search, 'search-final.pth')):
         sh([*tool('export.py'), '--search', os.path.join(search, 'search-final.pth'), '--output', pruned])
-    ft_dir = os.path.join(out, f'{method}-finetune')
+        shutil.rmtree(ft_dir, ignore_errors=True)          # a fine-tune of the previous export
     if not finished(ft_dir, 1):
         sh([*tool('finetune.py'), '--pruned', pruned, *common, '--output-dir', ft_dir, '--epochs', '1', *ft])
     return {

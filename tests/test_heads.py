@@ -134,6 +134,23 @@ def test_heads_space_keeps_msa_and_ranks_heads_with_units():
     assert supernet.min_flops() == supernet.arch_flops(supernet.uniform_arch('msa', 1, heads=1))
 
 
+def test_importance_ranks_a_head_against_units_by_loss_per_flop():
+    """A head ranks above the units when its Fisher score per FLOP is higher: scores add up over
+    parts (a head scoring twice what its FLOPs' worth of units score is worth more than they are),
+    not their square roots, which would rank it below them."""
+    from spvit.importance import GateScores
+    supernet, _ = head_supernet('heads')
+    head_cost, unit_cost = (c[0].item() for c in supernet.gate_costs()[:2])
+    assert head_cost > 4 * unit_cost
+    units = [torch.ones(m.hidden_features) for m in supernet.mlp_slots]
+    heads = [torch.full((a.num_heads,), head_cost / unit_cost) for a in supernet.attn_slots]
+    heads[0][0], heads[0][1] = 2 * head_cost / unit_cost, 0.5 * head_cost / unit_cost
+    init_from_importance(supernet, GateScores([torch.zeros(3)] * len(units), heads, units), spread=1.4)
+    unit_logits = torch.cat([m.gate_logits.detach() for m in supernet.mlp_slots])
+    head0 = supernet.attn_slots[0].head_logits.detach()
+    assert head0[0] > unit_logits.max() and head0[1] < unit_logits.min()
+
+
 @pytest.mark.parametrize('space', ['heads', 'full'])
 def test_search_with_head_gates_lands_and_exports(image_folder, pretrained, tmp_path, space):
     """A short search in a space with heads lands on its target; the export keeps the searched heads
