@@ -12,7 +12,7 @@ $py -c "from spvit.synthetic import make_image_folder; make_image_folder('$out/d
 model=(--model vit_tiny_patch16_224 --model-kwargs img_size=32 patch_size=4 embed_dim=64 depth=4 num_heads=4)
 data=(--data-dir "$out/data" --mean .5 .5 .5 --std .5 .5 .5 --crop-pct 1.0 --workers 2 --batch-size 32 --device cuda --amp)
 $py tools/search.py "${model[@]}" "${data[@]}" --output-dir "$out/search" --target-ratio 0.6 --epochs 3 2>&1 | grep -v 'it/s'
-$py tools/export.py --search "$out/search/search-final.pth" --output "$out/pruned.pth"
+$py tools/export.py --search "$out/search/search-final.pth" --output "$out/pruned.pth" --force
 $py tools/finetune.py --pruned "$out/pruned.pth" "${data[@]}" --output-dir "$out/ft" --epochs 2 --distill soft \
     --teacher "$out/pruned.pth" --model-ema 2>&1 | grep -v 'it/s'
 $py tools/eval.py --pruned "$out/ft/best.pth" --data-dir "$out/data" --mean .5 .5 .5 --std .5 .5 .5 --crop-pct 1.0 --device cuda --json

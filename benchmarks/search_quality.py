@@ -128,7 +128,7 @@ def run_searched(method: str, ratio: float, out: str, start: str, common: List[s
     pruned = os.path.join(out, f'{method}.pth')
     ft_dir = os.path.join(out, f'{method}-finetune')
     if not os.path.exists(pruned) or os.path.getmtime(pruned) < os.path.getmtime(os.path.join(search, 'search-final.pth')):
-        sh([*tool('export.py'), '--search', os.path.join(search, 'search-final.pth'), '--output', pruned])
+        sh([*tool('export.py'), '--search', os.path.join(search, 'search-final.pth'), '--output', pruned, '--force'])
         shutil.rmtree(ft_dir, ignore_errors=True)          # a fine-tune of the previous export
     if not finished(ft_dir, 1):
         sh([*tool('finetune.py'), '--pruned', pruned, *common, '--output-dir', ft_dir, '--epochs', '1', *ft])
@@ -148,7 +148,7 @@ def run_uniform(method: str, ratio: float, out: str, start: str, common: List[st
         return None
     base = os.path.join(out, f'{method}.pth')
     if not os.path.exists(base):
-        sh([*tool('export.py'), '--arch', arch_file, '--checkpoint', start, '--output', base])
+        sh([*tool('export.py'), '--arch', arch_file, '--checkpoint', start, '--output', base, '--force'])
     top1 = {}
     for epochs in (1, 2):
         d = os.path.join(out, f'{method}-finetune{epochs}')

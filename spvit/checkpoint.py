@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Sequence
 
 import torch
 
@@ -18,6 +18,19 @@ def check_output_path(path: str) -> None:
         raise CheckpointError(f'output directory does not exist: {directory}')
     if os.path.isdir(path):
         raise CheckpointError(f'output is a directory, not a file: {path}')
+
+
+def check_new_files(outputs: Sequence[str], inputs: Sequence[Optional[str]], force: bool = False) -> None:
+    """Refuse, before any work, to write over one of the inputs (never allowed) or over an
+    existing file (only with ``force``): a typo must not cost a search result or a run."""
+    sources = [os.path.realpath(p) for p in inputs if p]
+    for path in outputs:
+        check_output_path(path)
+        if os.path.realpath(path) in sources or any(os.path.exists(path) and os.path.samefile(path, s)
+                                                    for s in sources if os.path.exists(s)):
+            raise CheckpointError(f'output {path} is also an input: write the result to another file')
+        if os.path.exists(path) and not force:
+            raise CheckpointError(f'output exists: {path} (pass --force to overwrite it)')
 
 
 def atomic_save(obj: Any, path: str) -> None:

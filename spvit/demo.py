@@ -50,7 +50,7 @@ def steps(data: str, runs: str, pretrain_epochs: int, search_epochs: int, finetu
                      '--lr', '8e-3', '--warmup-epochs', '1'],
         'search': [*tool('search.py'), *MODEL, *common, '--checkpoint', os.path.join(pre, 'best.pth'),
                    '--output-dir', srch, '--target-ratio', '0.6', '--epochs', str(search_epochs), '--lr', '2e-3'],
-        'export': [*tool('export.py'), '--search', os.path.join(srch, 'search-final.pth'), '--output', pruned],
+        'export': [*tool('export.py'), '--search', os.path.join(srch, 'search-final.pth'), '--output', pruned, '--force'],
         'finetune': [*tool('finetune.py'), '--pruned', pruned, *common, '--output-dir', ft,
                      '--epochs', str(finetune_epochs), '--lr', '4e-3', '--warmup-epochs', '0',
                      '--distill', 'soft', '--teacher', 'original'],

@@ -72,9 +72,15 @@ class PrunedModel:
         payload = self.payload()
         atomic_save(payload, path)
         if safetensors:
-            directory = os.path.dirname(os.path.abspath(path))
-            _save_safetensors(payload, os.path.join(directory, SAFETENSORS_NAME))
-            self.arch.save(os.path.join(directory, ARCH_NAME))
+            _, weights, arch = pruned_files(path, safetensors)
+            _save_safetensors(payload, weights)
+            self.arch.save(arch)
+
+
+def pruned_files(path: str, safetensors: bool = False) -> List[str]:
+    """The files ``PrunedModel.save(path, safetensors)`` writes."""
+    directory = os.path.dirname(os.path.abspath(path))
+    return [path] + ([os.path.join(directory, SAFETENSORS_NAME), os.path.join(directory, ARCH_NAME)] if safetensors else [])
 
 
 def _save_safetensors(payload: Dict[str, Any], path: str) -> None:

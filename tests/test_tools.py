@@ -120,17 +120,23 @@ def test_bad_input(files):
     no_msa = tmp / 'no_msa.yaml'
     spvit.Architecture('vit_tiny_patch16_224', [spvit.BlockArch('conv1x1', 100)] * 4, SMALL).save(str(no_msa))
     cases = [
-        (('export.py', '--search', plain, '--output', existing), 'is not an spvit-search checkpoint'),
-        (('export.py', '--search', truncated, '--output', existing), 'truncated, corrupted or not a checkpoint'),
-        (('export.py', '--search', corrupted, '--output', existing), 'truncated, corrupted or not a checkpoint'),
-        (('export.py', '--model', 'vit_tiny_patch16_224', '--arch', other_model, '--output', existing),
+        (('export.py', '--search', plain, '--output', existing, '--force'), 'is not an spvit-search checkpoint'),
+        (('export.py', '--search', truncated, '--output', existing, '--force'), 'truncated, corrupted or not a checkpoint'),
+        (('export.py', '--search', corrupted, '--output', existing, '--force'), 'truncated, corrupted or not a checkpoint'),
+        (('export.py', '--model', 'vit_tiny_patch16_224', '--arch', other_model, '--output', existing, '--force'),
          "architecture is for model 'deit_tiny_patch16_224', not 'vit_tiny_patch16_224'"),
-        (('export.py', '--arch', other_model, '--output', existing), 'architecture has 4 blocks but deit_tiny_patch16_224 has 12'),
+        (('export.py', '--arch', other_model, '--output', existing, '--force'), 'architecture has 4 blocks but deit_tiny_patch16_224 has 12'),
         (('export.py', '--search', files['search'], '--output', tmp / 'missing' / 'p.pth'), 'output directory does not exist'),
         (('flops.py', '--pruned', files['search']), 'is not an spvit-pruned checkpoint (it is spvit-search)'),
-        (('export.py', '--arch', no_msa, '--output', existing), 'no block of the architecture keeps msa'),
+        (('export.py', '--arch', no_msa, '--output', existing, '--force'), 'no block of the architecture keeps msa'),
         (('flops.py', '--arch', no_msa), 'no block of the architecture keeps msa'),
         (('benchmark.py', '--pruned', tmp / 'nothing.pth'), 'file not found'),
+        (('export.py', '--search', files['search'], '--output', existing), f'output exists: {existing} (pass --force'),
+        (('export.py', '--search', files['search'], '--output', files['pruned'].parent / 'p.pth', '--safetensors'),
+         f"output exists: {files['pruned'].parent / 'model.safetensors'}"),
+        (('export.py', '--search', plain, '--output', tmp / '.' / 'plain.pth', '--force'), 'is also an input'),
+        (('export.py', '--arch', tmp / 'arch.yaml', '--checkpoint', plain, '--output', tmp / 'p.pth', '--safetensors',
+          '--force'), f'output {tmp / "arch.yaml"} is also an input'),
     ]
     procs = [start(*args) for args, _ in cases]     # concurrently: each pays the interpreter start
     for proc, (args, message) in zip(procs, cases):
@@ -139,7 +145,8 @@ def test_bad_input(files):
         assert out == '' and err.count('\n') == 1, (args, err)
         assert err.startswith(f'{args[0]}: error: ') and message in err, (args, err)
     assert existing.read_bytes() == b'keep me'
-    assert not (tmp / 'missing').exists()
+    assert not (tmp / 'missing').exists() and not (tmp / 'p.pth').exists() and not (tmp / 'run' / 'p.pth').exists()
+    assert spvit.Architecture.load(str(files['arch_file'])) == files['arch']
     assert sorted(p.name for p in tmp.iterdir() if '.tmp' in p.name) == []
 
 

@@ -4,9 +4,10 @@
     python tools/export.py --model deit_small_patch16_224 --checkpoint deit_small.pth --arch arch.yaml --output pruned.pth
 """
 from spvit.arch import Architecture
-from spvit.checkpoint import check_output_path
+from spvit.checkpoint import check_new_files
 from spvit.cli import ArgumentParser, add_model_kwargs, run
 from spvit.export import build_from_arch, export_search
+from spvit.pruned import pruned_files
 
 
 def parse_args(argv):
@@ -19,6 +20,7 @@ def parse_args(argv):
     p.add_argument('--checkpoint', help='original weights for --arch (.pth/.safetensors); random init without')
     p.add_argument('--output', required=True, help='pruned checkpoint to write')
     p.add_argument('--safetensors', action='store_true', help='also write model.safetensors and arch.yaml beside --output')
+    p.add_argument('--force', action='store_true', help='overwrite existing output files (never an input)')
     args = p.parse_args(argv)
     if args.search and (args.model or args.checkpoint or args.model_kwargs):
         p.error('--model, --model-kwargs and --checkpoint go with --arch, not --search')
@@ -27,7 +29,7 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
-    check_output_path(args.output)
+    check_new_files(pruned_files(args.output, args.safetensors), [args.search, args.arch, args.checkpoint], args.force)
     if args.search:
         exported = export_search(args.search)
     else:
