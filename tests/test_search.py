@@ -37,12 +37,12 @@ def gate_logits(state_dict):
 
 def test_search_reaches_target_and_writes_its_files(image_folder, pretrained, tmp_path):
     out = tmp_path / 'run'
-    search_main(args(image_folder, out, '--checkpoint', pretrained, '--target-ratio', '0.6', '--epochs', '10'))
+    search_main(args(image_folder, out, '--checkpoint', pretrained, '--target-ratio', '0.3', '--epochs', '10'))
     assert {'config.yaml', 'arch.yaml', 'log.jsonl', 'checkpoint-last.pth', 'search-final.pth'} <= set(os.listdir(out))
     final = load(out / 'search-final.pth')
     assert final['format'] == 'spvit-search'
     achieved, target = final['achieved_gflops'], final['target_gflops']
-    assert target == pytest.approx(0.6 * final['original_gflops'])
+    assert target == pytest.approx(0.3 * final['original_gflops'])
     assert abs(achieved - target) / target <= 0.02
     arch = Architecture.load(str(out / 'arch.yaml'))
     assert arch.to_dict() == final['arch']
