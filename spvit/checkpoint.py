@@ -18,6 +18,8 @@ def check_output_path(path: str) -> None:
         raise CheckpointError(f'output directory does not exist: {directory}')
     if os.path.isdir(path):
         raise CheckpointError(f'output is a directory, not a file: {path}')
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise CheckpointError(f'cannot write to the output directory: {directory}')
 
 
 def check_new_files(outputs: Sequence[str], inputs: Sequence[Optional[str]], force: bool = False) -> None:
@@ -40,6 +42,8 @@ def atomic_save(obj: Any, path: str) -> None:
     try:
         torch.save(obj, tmp)
         os.replace(tmp, path)
+    except OSError as e:            # a full disk, a read-only mount, no permission
+        raise CheckpointError(f'cannot write {path}: {e.strerror or e}') from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

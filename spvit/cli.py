@@ -43,6 +43,33 @@ def model_kwarg(text: str) -> Tuple[str, Any]:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def int_at_least(low: int) -> Callable[[str], int]:
+    """argparse type: an integer of at least ``low``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f'expected an integer, got {text!r}') from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f'must be at least {low}, got {value}')
+        return value
+    return parse
+
+
+def device_name(text: str) -> str:
+    """argparse type: cpu, cuda or cuda:N, where this machine has it."""
+    import torch
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ('cpu', 'cuda'):
+        raise argparse.ArgumentTypeError(f'unknown device {text!r} (cpu, cuda, cuda:N)')
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f'device {text} requested but CUDA is not available')
+    return text
+
+
 def add_model_kwargs(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--model-kwargs', nargs='+', type=model_kwarg, default=[], metavar='K=V',
                         help='keyword arguments for timm.create_model, e.g. img_size=160 num_classes=100')
@@ -55,7 +82,7 @@ def add_model_source(parser: argparse.ArgumentParser) -> None:
     group.add_argument('--arch', help='an architecture file (YAML/JSON), built with random init')
     group.add_argument('--pruned', help='a pruned checkpoint written by tools/export.py')
     add_model_kwargs(parser)
-    parser.add_argument('--img-size', type=int, help='input resolution (shortcut for --model-kwargs img_size=N)')
+    parser.add_argument('--img-size', type=int_at_least(1), help='input resolution (shortcut for --model-kwargs img_size=N)')
 
 
 def model_source(args: argparse.Namespace):

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import typing
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Type, TypeVar
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Set, Tuple, Type, TypeVar
 
 import yaml
 
@@ -20,10 +21,38 @@ class ConfigError(SpvitError):
 
 
 T = TypeVar('T')
+GIVEN = '_given_keys'        # attribute on a resolved config: the keys a file or flag set
+
+
+class Bounds(NamedTuple):
+    """The values a number field takes (each value, for a list field; ``count``: the list's length)."""
+    low: Optional[float] = None
+    high: Optional[float] = None
+    low_open: bool = False
+    high_open: bool = False
+    count: Optional[int] = None
+
+    def admits(self, v: float) -> bool:
+        return ((self.low is None or (v > self.low if self.low_open else v >= self.low))
+                and (self.high is None or (v < self.high if self.high_open else v <= self.high)))
+
+    def describe(self) -> str:
+        if self.high is None:
+            return 'positive' if self.low == 0 and self.low_open else \
+                f'at least {self.low:g}' if not self.low_open else f'above {self.low:g}'
+        return f'in {"(" if self.low_open else "["}{self.low:g}, {self.high:g}{")" if self.high_open else "]"}'
+
+
+POSITIVE = Bounds(0, low_open=True)
+NON_NEGATIVE = Bounds(0)
+AT_LEAST_ONE = Bounds(1)
+FRACTION = Bounds(0, 1)                      # a probability or share, ends included
+FRACTION_BELOW_ONE = Bounds(0, 1, high_open=True)
 
 
 def field(default: Any = None, help: str = '', **kwargs) -> Any:
-    """A config field with its help text (shown by --help)."""
+    """A config field with its help text (shown by --help); ``choices=`` and ``bounds=`` (a
+    ``Bounds``) are checked wherever a config is read."""
     if isinstance(default, (dict, list)):
         value = default
         return dataclasses.field(default_factory=lambda: type(value)(value), metadata={'help': help, **kwargs})
@@ -115,7 +144,22 @@ def from_dict(cls: Type[T], data: Dict[str, Any], source: str = 'config') -> T:
         choices = names[key].metadata.get('choices')
         if choices and values[key] is not None and values[key] not in choices:
             raise ConfigError(f'{source}: {key} must be one of {", ".join(map(str, choices))}, got {value!r}')
+        _check_number(f'--{key.replace("_", "-")}' if source == 'command line' else f'{source}: {key}', values[key],
+                      names[key].metadata.get('bounds'))
     return cls(**values)
+
+
+def _check_number(name: str, value: Any, bounds: Optional[Bounds]) -> None:
+    """Every number finite, and within the field's bounds."""
+    items = value if isinstance(value, list) else [value]
+    shown = ' '.join(f'{v:g}' if isinstance(v, float) else str(v) for v in items)
+    if bounds is not None and bounds.count is not None and len(items) != bounds.count:
+        raise ConfigError(f'{name} takes {bounds.count} values, got {len(items)} ({shown})')
+    for v in items:
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ConfigError(f'{name} must be a finite number, got {shown}')
+        if bounds is not None and isinstance(v, (int, float)) and not isinstance(v, bool) and not bounds.admits(v):
+            raise ConfigError(f'{name} must be {bounds.describe()}, got {shown}')
 
 
 def load_yaml(path: str) -> Dict[str, Any]:
@@ -126,6 +170,8 @@ def load_yaml(path: str) -> Dict[str, Any]:
         raise ConfigError(f'cannot read config {path}: {e.strerror}') from None
     except yaml.YAMLError as e:
         raise ConfigError(f'{path}: not valid YAML: {str(e).splitlines()[0]}') from None
+    except UnicodeDecodeError:
+        raise ConfigError(f'{path}: not a text file (not UTF-8)') from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -149,7 +195,18 @@ def resolve(cls: Type[T], args: argparse.Namespace, config_path: Optional[str] =
             flags[f.name] = parse_kv(value) if is_dict else value
     from_flags = from_dict(cls, flags, source='command line')
     merged.update({k: getattr(from_flags, k) for k in flags})
-    return cls(**merged)
+    cfg = cls(**merged)
+    object.__setattr__(cfg, GIVEN, frozenset(flags) | frozenset(data if config_path else ()))
+    return cfg
+
+
+def given_keys(cfg: Any) -> Set[str]:
+    """The keys a config file or flag set (``resolve`` records them); for a config built in code,
+    every key that differs from its default."""
+    if hasattr(cfg, GIVEN):
+        return set(getattr(cfg, GIVEN))
+    default = type(cfg)()
+    return {f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(default, f.name)}
 
 
 def parse_config(cls: Type[T], prog: str, description: str, argv: Optional[Sequence[str]] = None) -> T:

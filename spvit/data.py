@@ -6,7 +6,8 @@ class-to-index mapping. Every tool that reads images goes through here.
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+import signal
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from timm.data import ImageDataset, Mixup, create_transform, resolve_data_config
@@ -100,6 +101,7 @@ def image_folder(root: str, classes: Sequence[str], samples_per_class: Optional[
         ds = ImageDataset(root, class_map=class_map, transform=transform)
     except RuntimeError as e:
         raise DataError(str(e).splitlines()[0]) from None
+    ds.reader.samples = unique_files(ds.reader.samples)
     if samples_per_class:
         counts: Dict[int, int] = {}
         kept = []
@@ -113,6 +115,21 @@ def image_folder(root: str, classes: Sequence[str], samples_per_class: Optional[
         empty = [c for i, c in enumerate(classes) if i not in present]
         raise DataError(f'no images for classes {", ".join(empty[:5])} in {root}')
     return ds
+
+
+def unique_files(samples: Sequence[Tuple[str, int]]) -> List[Tuple[str, int]]:
+    """Each image once: timm's folder walk follows symlinks, and a link to a folder above it (a
+    loop) makes it list the same files again and again, down to the OS's link limit. Folders are
+    resolved once each, so this costs one realpath per folder, not per file."""
+    real: Dict[str, str] = {}
+    seen, kept = set(), []
+    for path, target in samples:
+        folder, name = os.path.split(path)
+        key = (real.setdefault(folder, os.path.realpath(folder)), name)
+        if key not in seen:
+            seen.add(key)
+            kept.append((path, target))
+    return kept
 
 
 def data_config(model: torch.nn.Module, img_size: Optional[int] = None, crop_pct: Optional[float] = None,
@@ -136,10 +153,15 @@ def data_config(model: torch.nn.Module, img_size: Optional[int] = None, crop_pct
 def train_transform(cfg: Dict[str, Any], auto_augment: Optional[str], color_jitter: float, reprob: float,
                     hflip: float = 0.5, scale: Sequence[float] = (0.08, 1.0)):
     """DeiT's training recipe through timm: RandomResizedCrop, flip, RandAugment, random erasing."""
-    return create_transform(
-        tuple(cfg['input_size']), is_training=True, scale=tuple(scale), auto_augment=auto_augment or None,
-        color_jitter=color_jitter, re_prob=reprob, re_mode='pixel', re_count=1, hflip=hflip,
-        interpolation=cfg['interpolation'], mean=tuple(cfg['mean']), std=tuple(cfg['std']))
+    if scale[0] > scale[1]:
+        raise DataError(f'--scale {scale[0]:g} {scale[1]:g}: the smallest crop area comes first')
+    try:
+        return create_transform(
+            tuple(cfg['input_size']), is_training=True, scale=tuple(scale), auto_augment=auto_augment or None,
+            color_jitter=color_jitter, re_prob=reprob, re_mode='pixel', re_count=1, hflip=hflip,
+            interpolation=cfg['interpolation'], mean=tuple(cfg['mean']), std=tuple(cfg['std']))
+    except (AssertionError, ValueError, KeyError) as e:      # timm asserts on an unknown policy
+        raise DataError(f'--auto-augment {auto_augment!r}: {e}') from None
 
 
 def eval_transform(cfg: Dict[str, Any]):
@@ -177,15 +199,23 @@ class ResumableSampler(Sampler):
         return len(self.base) - self.start
 
 
+def leave_signals_to_main(worker_id: int) -> None:
+    """Data workers ignore SIGINT/SIGTERM: the main process turns them into a saved state and an
+    orderly stop, which it cannot do once a signal to the whole process group (Slurm, systemd,
+    ``kill -- -PGID``, Ctrl-C) has killed its workers under it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def train_loader(dataset, batch_size: int, workers: int, sampler: ResumableSampler, seed: int) -> DataLoader:
     # A private generator keeps the loader's seed draw off the global RNG (exact resume).
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=True,
                       pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(seed),
-                      persistent_workers=False)
+                      persistent_workers=False, worker_init_fn=leave_signals_to_main)
 
 
 def eval_loader(dataset, batch_size: int, workers: int, num_replicas: int = 1, rank: int = 0) -> DataLoader:
     """Each rank evaluates every num_replicas-th image; counts are summed across ranks."""
     shard = Subset(dataset, range(rank, len(dataset), num_replicas)) if num_replicas > 1 else dataset
     return DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=workers,
-                      generator=torch.Generator().manual_seed(0))
+                      generator=torch.Generator().manual_seed(0), worker_init_fn=leave_signals_to_main)

@@ -9,7 +9,7 @@ from typing import Any, Dict, Optional, Sequence
 
 
 from . import data as D
-from .config import ConfigError, field, parse_config
+from .config import AT_LEAST_ONE, NON_NEGATIVE, ConfigError, field, parse_config
 from .flops import measure_flops
 from .models import create_model
 from .options import DataOptions, ModelOptions
@@ -21,8 +21,8 @@ from .runtime import Dist, evaluate, resolve_device
 @dataclass
 class EvalConfig(ModelOptions, DataOptions):
     pruned: Optional[str] = field(None, 'exported spvit checkpoint (without it: the timm --model/--checkpoint)')
-    batch_size: int = field(128, 'eval batch size')
-    workers: int = field(4, 'data loader workers')
+    batch_size: int = field(128, 'eval batch size', bounds=AT_LEAST_ONE)
+    workers: int = field(4, 'data loader workers', bounds=NON_NEGATIVE)
     device: Optional[str] = field(None, 'cpu, cuda or cuda:N (default: cuda if available)')
     amp: bool = field(False, 'mixed precision: bf16 on CPU, fp16 on CUDA')
     json: bool = field(False, 'print one JSON object instead of the text report')

@@ -22,11 +22,11 @@ from timm.utils import ModelEmaV3
 from . import data as D
 from .arch import Architecture
 from .checkpoint import load_file
-from .config import ConfigError, field, parse_config
+from .config import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, ConfigError, field, parse_config
 from .distillation import distillation_task, prepare_teacher
 from .errors import CheckpointError
 from .compare import full_architecture
-from .models import create_model
+from .models import create_model, load_exactly
 from .options import DataOptions, DistillOptions, ModelOptions, TrainOptions
 from .pruned import PRUNED_FORMAT, PrunedModel, plain_data_config, read_pruned
 from .runtime import autocast, evaluate
@@ -41,12 +41,12 @@ class FinetuneConfig(ModelOptions, DataOptions, TrainOptions, DistillOptions):
     teacher: str = field('original', "'original' (the weights the search started from) or a checkpoint path")
     teacher_model: Optional[str] = field(None, 'timm model of a --teacher checkpoint (default: the student\'s)')
     model_ema: bool = field(False, 'keep an EMA of the weights (timm ModelEmaV3) and evaluate it too')
-    model_ema_decay: float = field(0.99996, 'EMA decay')
+    model_ema_decay: float = field(0.99996, 'EMA decay', bounds=FRACTION)
     # DeiT fine-tuning defaults
-    lr: float = field(5e-4, 'learning rate for a global batch of 512 (scaled linearly)')
-    min_lr: float = field(1e-5, 'cosine schedule floor')
-    warmup_epochs: int = field(5, 'linear warm-up epochs')
-    epochs: int = field(30, 'fine-tuning epochs (the paper: about 130 on ImageNet)')
+    lr: float = field(5e-4, 'learning rate for a global batch of 512 (scaled linearly)', bounds=NON_NEGATIVE)
+    min_lr: float = field(1e-5, 'cosine schedule floor', bounds=NON_NEGATIVE)
+    warmup_epochs: int = field(5, 'linear warm-up epochs', bounds=NON_NEGATIVE)
+    epochs: int = field(30, 'fine-tuning epochs (the paper: about 130 on ImageNet)', bounds=AT_LEAST_ONE)
 
 
 class FinetuneTrainer(Trainer):
@@ -154,12 +154,9 @@ class FinetuneTrainer(Trainer):
         return state
 
     def load_model_state(self, state: Dict[str, Any]) -> None:
-        try:
-            self.model.load_state_dict(state['state_dict'])
-            if self.ema is not None and state.get('ema') is not None:
-                self.ema.module.load_state_dict(state['ema'])
-        except RuntimeError as e:
-            raise CheckpointError(f'resume checkpoint does not fit the model: {str(e).splitlines()[0]}') from None
+        load_exactly(self.model, state['state_dict'], 'resume checkpoint')
+        if self.ema is not None and state.get('ema') is not None:
+            load_exactly(self.ema.module, state['ema'], 'resume checkpoint (EMA)')
         self.best_top1 = state.get('best_top1', -1.0)
 
     def end_epoch(self, metrics: Dict[str, float], eval_loader) -> Dict[str, Any]:

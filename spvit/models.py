@@ -36,8 +36,8 @@ def create_model(
         raise CheckpointError(f'checkpoint not found: {checkpoint}')
     try:
         model = timm.create_model(name, pretrained=pretrained and checkpoint is None, **kwargs)
-    except TypeError as e:
-        raise UnsupportedModelError(f'cannot create {name} with {kwargs}: {e}') from None
+    except (TypeError, AssertionError, ValueError) as e:      # unknown arguments, or values timm asserts on
+        raise UnsupportedModelError(f'cannot create {name} with {kwargs}: {e or type(e).__name__}') from None
     if checkpoint is not None:
         load_weights(model, checkpoint)
     return model
@@ -79,6 +79,13 @@ def load_weights(model: nn.Module, path: str) -> None:
                 _logger.info('classifier %s re-initialised: checkpoint %s, model %s',
                              key, tuple(state_dict[key].shape), tuple(own[key].shape))
                 state_dict[key] = own[key]
+    load_exactly(model, state_dict, f'checkpoint {path}')
+
+
+def load_exactly(module: nn.Module, state_dict: Dict[str, torch.Tensor], what: str) -> None:
+    """``load_state_dict`` that, when the keys or shapes do not fit, names the first missing,
+    unexpected and wrongly shaped keys in one line."""
+    own = module.state_dict()
     missing = sorted(set(own) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(own))
     wrong = sorted(k for k in set(own) & set(state_dict) if own[k].shape != state_dict[k].shape)
@@ -87,5 +94,5 @@ def load_weights(model: nn.Module, path: str) -> None:
         for label, keys in (('missing', missing), ('unexpected', unexpected), ('wrong shape', wrong)):
             if keys:
                 parts.append(f"{label}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''} ({len(keys)})")
-        raise CheckpointError(f'checkpoint {path} does not fit the model: ' + '; '.join(parts))
-    model.load_state_dict(state_dict)
+        raise CheckpointError(f'{what} does not fit the model: ' + '; '.join(parts))
+    module.load_state_dict(state_dict)

@@ -126,8 +126,10 @@ def read_pruned(path: str, device: Optional[torch.device | str] = None) -> Prune
     with what the file records about it."""
     ckpt = _read_safetensors(path) if path.endswith('.safetensors') else load_file(path, PRUNED_FORMAT)
     version = ckpt.get('version')
-    if not isinstance(version, int) or version > PRUNED_VERSION:
-        raise CheckpointError(f'{path}: pruned checkpoint version {version!r} is newer than this spvit reads ({PRUNED_VERSION})')
+    if not isinstance(version, int):
+        raise CheckpointError(f'{path}: pruned checkpoint without a valid version (got {version!r})')
+    if version > PRUNED_VERSION:
+        raise CheckpointError(f'{path}: pruned checkpoint version {version} is newer than this spvit reads ({PRUNED_VERSION})')
     missing = [k for k in REQUIRED_KEYS if k not in ckpt]
     if missing:
         raise CheckpointError(f'{path} is an incomplete pruned checkpoint: missing {", ".join(missing)}')

@@ -7,6 +7,8 @@ import json
 import os
 import random
 import signal
+import sys
+import time
 from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
@@ -118,6 +120,44 @@ class StopSignal:
 
     def _handle(self, signum, frame) -> None:
         self.code = self.CODES[signum]
+
+
+class PlainProgress:
+    """tqdm's interface for a stderr that is not a terminal (a log file, a scheduler): tqdm's
+    carriage returns would turn each epoch into one huge line, so this writes a plain line every
+    tenth of the total (and at the end)."""
+
+    def __init__(self, total: int, initial: int, desc: str) -> None:
+        self.total, self.n, self.desc = total, initial, desc
+        self.every = max(1, total // 10)
+        self.postfix: Dict[str, Any] = {}
+        self.start, self.start_n = time.time(), initial
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        if self.n % self.every == 0 and self.n < self.total:
+            self._line()
+
+    def set_postfix(self, values: Dict[str, Any]) -> None:
+        self.postfix = values
+
+    def close(self) -> None:
+        if self.n > self.start_n:
+            self._line()
+
+    def _line(self) -> None:
+        rate = (time.time() - self.start) / max(1, self.n - self.start_n)
+        extra = ''.join(f', {k}={v}' for k, v in self.postfix.items())
+        print(f'{self.desc}: {self.n}/{self.total} steps ({self.n / self.total:.0%}), {rate:.2f} s/step{extra}',
+              file=sys.stderr, flush=True)
+
+
+def progress(total: int, initial: int, desc: str, enabled: bool):
+    """A tqdm bar on a terminal, plain periodic lines elsewhere, nothing when not ``enabled``."""
+    from tqdm import tqdm
+    if enabled and not sys.stderr.isatty():
+        return PlainProgress(total, initial, desc)
+    return tqdm(total=total, initial=initial, desc=desc, disable=not enabled, dynamic_ncols=True)
 
 
 def autocast(device: torch.device, enabled: bool):

@@ -20,11 +20,10 @@ from . import data as D
 from .arch import Architecture
 from .budget import MAX_RAMP, RAMP_SPEED, BudgetSchedule, FlopsDrive, PerFlopGateStep, default_ramp, penalty
 from .checkpoint import SEARCH_FORMAT, atomic_save, load_file, supernet_record
-from .config import ConfigError, field, parse_config
+from .config import AT_LEAST_ONE, FRACTION_BELOW_ONE, POSITIVE, ConfigError, field, parse_config
 from .distillation import distillation_task, prepare_teacher
-from .errors import CheckpointError
 from .importance import gate_fisher, init_from_importance
-from .models import create_model
+from .models import create_model, load_exactly
 from .options import DataOptions, DistillOptions, ModelOptions, TrainOptions
 from .runtime import autocast
 from .supernet import SEARCH_SPACES, SuperNet, attach_search_space
@@ -49,23 +48,25 @@ class SearchConfig(ModelOptions, DataOptions, TrainOptions, DistillOptions):
     search_space: str = field('spvit', 'what the gates choose: ' + '; '.join(f'{k}: {v.about}' for k, v in
                                                                            SEARCH_SPACES.items()),
                               choices=tuple(SEARCH_SPACES))
-    target_gflops: Optional[float] = field(None, 'FLOPs budget in GFLOPs')
-    target_ratio: Optional[float] = field(None, "budget as a fraction of the original model's FLOPs")
+    target_gflops: Optional[float] = field(None, 'FLOPs budget in GFLOPs', bounds=POSITIVE)
+    target_ratio: Optional[float] = field(None, "budget as a fraction of the original model's FLOPs", bounds=POSITIVE)
     loss_lambda: float = field(20.0, 'weight of the FLOPs penalty of --gate-update adamw (for the relative form: the '
-                               'paper\'s lambda x T^2)')
+                               'paper\'s lambda x T^2)', bounds=POSITIVE)
     flops_loss: str = field('relative', 'penalty of --gate-update adamw: relative ((F-T)/T)^2; absolute (F-T)^2 in '
                             'GFLOPs (the paper)', choices=('relative', 'absolute'))
     arch_lr: Optional[float] = field(None, f'gate learning rate (default: max({PAPER_ARCH_LR}, R / planned steps), R = '
-                                     f'{PER_FLOP_REACH:g} for per-flop, {ARCH_LR_REACH:g} for adamw)')
+                                     f'{PER_FLOP_REACH:g} for per-flop, {ARCH_LR_REACH:g} for adamw)', bounds=POSITIVE)
     settle_fraction: float = field(0.1, 'final fraction of the planned steps in which the attention ops and heads are '
-                                   'frozen and only the MLP units move, to meet the budget in fine steps (0: never)')
+                                   'frozen and only the MLP units move, to meet the budget in fine steps (0: never)',
+                                   bounds=FRACTION_BELOW_ONE)
     budget_ramp: Optional[float] = field(None, 'fraction of the planned steps over which the FLOPs target falls '
                                          "linearly from the original model's FLOPs to the budget, so that a few gates "
                                          f'close at a time (default: the target falls by {RAMP_SPEED:g} of the '
                                          f'original FLOPs per search, over at most {MAX_RAMP:g} of it: 0.5 for a '
-                                         'budget of 0.6; 0: the paper)')
+                                         'budget of 0.6; 0: the paper)', bounds=FRACTION_BELOW_ONE)
     budget_integral: float = field(0.2, 'per-flop: time constant, as a fraction of the planned steps, of the integral '
-                                   'term that pushes the gates harder while the FLOPs stay above the target (0: off)')
+                                   'term that pushes the gates harder while the FLOPs stay above the target (0: off)',
+                                   bounds=FRACTION_BELOW_ONE)
     gate_init: str = field('importance', 'importance: the logits of MLP units and msa gates start spread around theta0 '
                            'by the rank of their Fisher score per FLOP; constant: all at theta0 (the paper)',
                            choices=('importance', 'constant'))
@@ -82,9 +83,10 @@ class SearchConfig(ModelOptions, DataOptions, TrainOptions, DistillOptions):
                                 choices=('free', 'down'))
     land: bool = field(True, 'after the last step, open or close the MLP units nearest to their threshold until the '
                        'FLOPs are on the target (within one unit)')
-    importance_batches: int = field(8, 'training batches the Fisher scores of --gate-init importance are summed over')
-    theta0: float = field(1.5, 'initial gate logit')
-    alpha: float = field(0.01, 'head-assignment softmax temperature')
+    importance_batches: int = field(8, 'training batches the Fisher scores of --gate-init importance are summed over',
+                                    bounds=AT_LEAST_ONE)
+    theta0: float = field(1.5, 'initial gate logit (positive: every gate starts open)', bounds=POSITIVE)
+    alpha: float = field(0.01, 'head-assignment softmax temperature', bounds=POSITIVE)
 
 
 def resolve_target(cfg: SearchConfig, supernet: SuperNet) -> float:
@@ -94,8 +96,6 @@ def resolve_target(cfg: SearchConfig, supernet: SuperNet) -> float:
     if cfg.target_gflops is not None:
         target = cfg.target_gflops
     elif cfg.target_ratio is not None:
-        if not 0 < cfg.target_ratio:
-            raise ConfigError(f'--target-ratio must be positive, got {cfg.target_ratio}')
         target = cfg.target_ratio * original
     else:
         raise ConfigError('no FLOPs budget: give --target-gflops or --target-ratio')
@@ -117,20 +117,10 @@ def importance_spread(theta0: float) -> float:
 
 def check_schedule(cfg: SearchConfig, goal_ratio: float) -> float:
     """Validate the schedule options; returns the target ramp (its default follows the budget)."""
-    for name in ('settle_fraction', 'budget_ramp', 'budget_integral'):
-        value = getattr(cfg, name)
-        if value is not None and not 0 <= value < 1:
-            raise ConfigError(f'--{name.replace("_", "-")} must be in [0, 1), got {value}')
     ramp = default_ramp(goal_ratio) if cfg.budget_ramp is None else cfg.budget_ramp
     if ramp + cfg.settle_fraction > 1:
         raise ConfigError(f'--budget-ramp {ramp:g} and --settle-fraction {cfg.settle_fraction} add up to more '
                           'than the whole search: the attention ops would freeze before the target is reached')
-    if cfg.importance_batches < 1:
-        raise ConfigError(f'--importance-batches must be at least 1, got {cfg.importance_batches}')
-    if cfg.arch_lr is not None and not cfg.arch_lr > 0:
-        raise ConfigError(f'--arch-lr must be positive, got {cfg.arch_lr}')
-    if not cfg.loss_lambda > 0:
-        raise ConfigError(f'--loss-lambda must be positive, got {cfg.loss_lambda}')
     return ramp
 
 
@@ -308,10 +298,7 @@ class SearchTrainer(Trainer):
                 'op_ceiling': None if self.op_ceiling is None else self.op_ceiling.tolist()}
 
     def load_model_state(self, state: Dict[str, Any]) -> None:
-        try:
-            self.supernet.load_state_dict(state['supernet']['state_dict'])
-        except RuntimeError as e:
-            raise CheckpointError(f'resume checkpoint does not fit the model: {str(e).splitlines()[0]}') from None
+        load_exactly(self.supernet, state['supernet']['state_dict'], 'resume checkpoint')
         if self.drive is not None and state.get('drive'):
             self.drive.load_state_dict(state['drive'])
             self.gate_step.load_state_dict(state['gate_step'])

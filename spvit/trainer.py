@@ -1,7 +1,7 @@
 """The training loop that search and fine-tuning share.
 
 A ``Trainer`` builds and checks everything before it writes a file, then runs epochs of steps
-with tqdm bars, a jsonl log, atomic resumable checkpoints (exact to the step with workers=0),
+with progress bars (plain lines when stderr is not a terminal), a jsonl log, atomic resumable checkpoints (exact to the step with workers=0),
 SIGINT/SIGTERM handling, a non-finite-loss stop, AMP and torchrun/DDP. Subclasses say what model
 they train, what the loss is, which optimisers step and what files the run leaves behind.
 """
@@ -18,39 +18,54 @@ import yaml
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.scheduler import create_scheduler_v2
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
 from . import data as D
 from .checkpoint import atomic_save
-from .config import ConfigError, to_dict
-from .runtime import (Interrupted, JsonlLog, StopSignal, TrainingError, evaluate, grad_scaler,
+from .config import ConfigError, given_keys, to_dict
+from .rundir import RunLock, check_fresh_output_dir, remove_leftover_temps, trim_log
+from .runtime import (Interrupted, JsonlLog, StopSignal, TrainingError, evaluate, grad_scaler, progress,
                       resolve_device, rng_state, seed_everything, set_rng_state, setup_distributed)
 
 LAST = 'checkpoint-last.pth'
 C = TypeVar('C')
 
 
-def check_fresh_output_dir(path: str, run_files: Tuple[str, ...], tool: str, last: str = LAST) -> None:
-    """Refuse to start a new run where one already left its files."""
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise ConfigError(f'--output-dir {path} exists and is not a directory')
-    if os.path.isdir(path):
-        present = [f for f in run_files if os.path.exists(os.path.join(path, f))]
-        if present:
-            raise ConfigError(f'{path} already holds a {tool} run ({", ".join(present)}); use --resume '
-                              f'{os.path.join(path, last)} or another --output-dir')
-    parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent):
-        raise ConfigError(f'parent of --output-dir does not exist: {parent}')
+# A resumed run continues as it was started: these keys say where and how far it runs now and come
+# from the new command line; the data loader's workers may change too (reported: the augmentation
+# draws then differ from an uninterrupted run). Any other key given with --resume must match the run.
+RESUME_FROM_COMMAND = ('resume', 'output_dir', 'data_dir', 'device', 'max_steps')
+RESUME_REPORTED = ('workers',)
 
 
 def resume_config(cls: Type[C], cfg: C, state: Dict[str, Any]) -> C:
-    """The saved run's config; only where it runs and how far may change on resume."""
+    """The saved run's config with the new command line's place, device and reach; a key given now
+    that contradicts the run is refused (one line), rather than silently dropped."""
     names = {f.name for f in dataclasses.fields(cls)}
     saved = cls(**{k: v for k, v in state['config'].items() if k in names})
-    return dataclasses.replace(saved, resume=cfg.resume, output_dir=cfg.output_dir or os.path.dirname(cfg.resume),
-                               data_dir=cfg.data_dir or saved.data_dir, device=cfg.device, workers=cfg.workers,
-                               max_steps=cfg.max_steps)
+    started = [state['config'], state.get('given_config', {})]    # resolved, and as first given
+    given = given_keys(cfg)
+    conflicts = [k for k in sorted(given - set(RESUME_FROM_COMMAND + RESUME_REPORTED))
+                 if k in names and all(getattr(cfg, k) != c.get(k, getattr(saved, k)) for c in started)]
+    if conflicts:
+        k = conflicts[0]
+        more = f' (and {", ".join(flag(c) for c in conflicts[1:])})' if conflicts[1:] else ''
+        raise ConfigError(f'{flag(k)} {getattr(cfg, k)} differs from the resumed run\'s {getattr(saved, k)}{more}; '
+                          'a resumed run keeps its settings: start a new run to change them')
+    changes = {k: getattr(cfg, k) for k in RESUME_FROM_COMMAND + RESUME_REPORTED if k in given}
+    for k in RESUME_REPORTED:
+        if k in changes and changes[k] != getattr(saved, k):
+            print(f'resume: {flag(k)} {changes[k]} instead of the run\'s {getattr(saved, k)}: the data augmentation draws '
+                  'differ from an uninterrupted run', file=sys.stderr)
+    changes.setdefault('output_dir', os.path.dirname(os.path.abspath(cfg.resume)))
+    return dataclasses.replace(saved, **{'resume': cfg.resume, 'max_steps': cfg.max_steps, 'device': cfg.device, **changes})
+
+
+def flag(key: str) -> str:
+    return '--' + key.replace('_', '-')
+
+
+def same_dir(a: str, b: str) -> bool:
+    return os.path.realpath(a) == os.path.realpath(b)
 
 
 def lr_for_batch(lr: float, batch_size: int, world_size: int) -> float:
@@ -73,11 +88,16 @@ class Trainer:
                 raise ConfigError(f'no --{key.replace("_", "-")} given')
         if cfg.batch_size < 1 or cfg.epochs < 1:
             raise ConfigError('--batch-size and --epochs must be at least 1')
-        if state is None:
-            check_fresh_output_dir(cfg.output_dir, self.run_files, self.tool, self.last_name)
+        # a new run, or a resumed one continued in another directory: never over another run's files
+        self.fresh_dir = state is None or not same_dir(cfg.output_dir, os.path.dirname(os.path.abspath(cfg.resume)))
+        if self.fresh_dir:
+            check_fresh_output_dir(cfg.output_dir, self.run_files, self.last_name)
+        self.given_config = to_dict(cfg) if state is None else state.get('given_config', state['config'])
         self.resuming = state is not None
         self.classes = D.select_classes(cfg.data_dir, cfg.subset_classes, cfg.class_list)
         self.num_classes = cfg.num_classes or len(self.classes)
+        if self.num_classes < len(self.classes):
+            raise ConfigError(f'--num-classes {self.num_classes} is fewer than the {len(self.classes)} classes of the data')
         seed_everything(cfg.seed)
         self.model, self.data_config = self.build_model()
 
@@ -177,7 +197,8 @@ class Trainer:
             'optimizers': {k: o.state_dict() for k, o in self.optimizers.items()},
             'sched': self.sched.state_dict(), 'scaler': self.scaler.state_dict() if self.scaler else None,
             'epoch': self.epoch, 'step_in_epoch': self.step_in_epoch, 'global_step': self.global_step,
-            'rng': rng_state(), 'config': self.resolved_config(), 'classes': list(self.classes),
+            'rng': rng_state(), 'config': self.resolved_config(), 'given_config': self.given_config,
+            'classes': list(self.classes),
             'data_config': self.data_config,
         }
 
@@ -207,9 +228,17 @@ class Trainer:
     # --- loop ---
 
     def run(self) -> nn.Module:
+        self.lock = RunLock(self.out)
+        try:
+            self._run()
+        finally:
+            self.lock.release()
+        return self.model
+
+    def _run(self) -> None:
         cfg, d = self.cfg, self.dist
         if d.main:
-            os.makedirs(self.out, exist_ok=True)
+            self._claim_output_dir()
             self.write_text('config.yaml', yaml.safe_dump(self.resolved_config(), sort_keys=False))
             print(f'{self.tool}: {getattr(self, "model_name", cfg.model)}, {len(self.classes)} classes, {len(self.train_set)} train / '
                   f'{len(self.val_set)} val images, {self.steps_per_epoch} steps/epoch x {cfg.epochs} epochs; '
@@ -223,7 +252,19 @@ class Trainer:
                     self._end_epoch(eval_loader)
         self.save_last()
         self.finish()
-        return self.model
+
+    def _claim_output_dir(self) -> None:
+        """Lock the run directory for this run's life, then (under the lock, so that no live run is
+        touched) clear what a killed run left: half-written temp files, the early files of a run
+        that never saved, or log records past the checkpoint being resumed."""
+        os.makedirs(self.out, exist_ok=True)
+        self.lock.acquire()
+        remove_leftover_temps(self.out, self.run_files)
+        if self.fresh_dir:
+            for path in check_fresh_output_dir(self.out, self.run_files, self.last_name):
+                os.remove(path)
+        else:
+            trim_log(self.log.path, self.global_step)
 
     def reached_max_steps(self) -> bool:
         return self.cfg.max_steps is not None and self.global_step >= self.cfg.max_steps
@@ -233,8 +274,7 @@ class Trainer:
         self.sampler.set_epoch(self.epoch, self.step_in_epoch * cfg.batch_size)
         loader = D.train_loader(self.train_set, cfg.batch_size, cfg.workers, self.sampler, cfg.seed + self.epoch)
         self.net.train()
-        bar = tqdm(total=self.steps_per_epoch, initial=self.step_in_epoch, desc=f'{self.tool} {self.epoch + 1}/{cfg.epochs}',
-                   disable=not d.main, dynamic_ncols=True)
+        bar = progress(self.steps_per_epoch, self.step_in_epoch, f'{self.tool} {self.epoch + 1}/{cfg.epochs}', d.main)
         try:
             for x, y in loader:
                 x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
@@ -245,8 +285,10 @@ class Trainer:
                 if d.enabled:
                     torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
                 if flags[1] > 0:
-                    raise TrainingError(f'non-finite loss at epoch {self.epoch + 1}, step {self.global_step + 1}; '
-                                        f'the last good state is {os.path.join(self.out, self.last_name)}')
+                    last = os.path.join(self.out, self.last_name)
+                    saved = (f'the last good state is {last}' if os.path.exists(last) else
+                             'no state was saved yet (lower --lr, or add --clip-grad)')
+                    raise TrainingError(f'non-finite loss at epoch {self.epoch + 1}, step {self.global_step + 1}; {saved}')
                 self._step(loss)
                 self.step_in_epoch += 1
                 self.global_step += 1

@@ -49,3 +49,16 @@ def test_data_config_follows_the_built_model():
     cfg = D.data_config(model)
     assert cfg['input_size'] == [3, 96, 96] and cfg['interpolation'] == 'bicubic'
     assert D.data_config(model, img_size=64, mean=[0.5] * 3)['input_size'] == [3, 64, 64]
+
+
+def test_a_symlink_loop_does_not_repeat_images(tmp_path):
+    """timm's walk follows links: one back up to the split made 6 images into hundreds."""
+    from PIL import Image
+    for c in ('a', 'b'):
+        (tmp_path / 'train' / c).mkdir(parents=True)
+        for i in range(3):
+            Image.new('RGB', (8, 8)).save(tmp_path / 'train' / c / f'{i}.png')
+    (tmp_path / 'train' / 'a' / 'loop').symlink_to('..')
+    ds = D.image_folder(str(tmp_path / 'train'), ['a', 'b'])
+    assert sorted((os.path.basename(p), t) for p, t in ds.reader.samples) == sorted(
+        (f'{i}.png', t) for i in range(3) for t in (0, 1))

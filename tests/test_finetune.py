@@ -89,7 +89,7 @@ def test_resume_is_exact(pruned, image_folder, tmp_path):
     common = ['--epochs', '2', '--distill', 'soft', '--model-ema', '--seed', '5']
     finetune_main(ft_args(pruned, image_folder, tmp_path / 'whole', *common))
     finetune_main(ft_args(pruned, image_folder, tmp_path / 'split', *common, '--max-steps', '19'))
-    finetune_main(['--resume', str(tmp_path / 'split' / 'last.pth'), '--workers', '0'])
+    finetune_main(['--resume', str(tmp_path / 'split' / 'last.pth')])     # --workers 0 from the run
     whole, split = load(tmp_path / 'whole' / 'last.pth'), load(tmp_path / 'split' / 'last.pth')
     assert whole['global_step'] == split['global_step'] == 32
     for key in ('state_dict', 'ema'):

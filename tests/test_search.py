@@ -82,7 +82,7 @@ def test_resume_is_exact(image_folder, pretrained, tmp_path):
     search_main(args(image_folder, tmp_path / 'split', *common, '--max-steps', '21'))
     state = load(tmp_path / 'split' / 'checkpoint-last.pth')
     assert state['global_step'] == 21 and len(state['op_ceiling']) == 4      # split after the ramp
-    search_main(['--resume', str(tmp_path / 'split' / 'checkpoint-last.pth'), '--workers', '0'])
+    search_main(['--resume', str(tmp_path / 'split' / 'checkpoint-last.pth')])     # --workers 0 from the run
     whole = load(tmp_path / 'whole' / 'search-final.pth')['supernet']['state_dict']
     split = load(tmp_path / 'split' / 'search-final.pth')['supernet']['state_dict']
     for k, v in gate_logits(whole).items():
@@ -96,7 +96,7 @@ def test_distilled_search_resumes_exactly(image_folder, pretrained, tmp_path):
     common = ['--checkpoint', pretrained, '--target-ratio', '0.6', '--epochs', '2', '--distill', 'soft', '--seed', '4']
     search_main(args(image_folder, tmp_path / 'whole', *common))
     search_main(args(image_folder, tmp_path / 'split', *common, '--max-steps', '9'))
-    search_main(['--resume', str(tmp_path / 'split' / 'checkpoint-last.pth'), '--workers', '0'])
+    search_main(['--resume', str(tmp_path / 'split' / 'checkpoint-last.pth')])     # --workers 0 from the run
     whole = load(tmp_path / 'whole' / 'search-final.pth')['supernet']['state_dict']
     split = load(tmp_path / 'split' / 'search-final.pth')['supernet']['state_dict']
     assert max((v.float() - split[k].float()).abs().max().item() for k, v in whole.items()) <= 1e-6
@@ -168,7 +168,7 @@ def test_class_mismatch_and_existing_run_are_refused(image_folder, tmp_path):
     search_main(args(image_folder, out, '--target-ratio', '0.6', '--max-steps', '1'))
     before = {f: (out / f).read_bytes() for f in os.listdir(out)}
     r = tool('search.py', args(image_folder, out, '--target-ratio', '0.6'))
-    assert r.returncode == 2 and 'already holds a search' in r.stderr
+    assert r.returncode == 2 and 'already holds a run (checkpoint-last.pth' in r.stderr
     assert {f: (out / f).read_bytes() for f in os.listdir(out)} == before
 
 

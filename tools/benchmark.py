@@ -7,7 +7,7 @@ import json
 
 import torch
 
-from spvit.cli import ArgumentParser, add_model_source, model_source, run
+from spvit.cli import ArgumentParser, add_model_source, device_name, int_at_least, model_source, run
 from spvit.flops import measure_flops
 from spvit.latency import benchmark
 
@@ -15,11 +15,11 @@ from spvit.latency import benchmark
 def main(argv=None):
     p = ArgumentParser(description=__doc__.splitlines()[0])
     add_model_source(p)
-    p.add_argument('--batch-sizes', type=int, nargs='+', default=[1, 64])
-    p.add_argument('--warmup', type=int, default=3, help='untimed forward passes per model and batch size')
-    p.add_argument('--runs', type=int, default=7, help='timed runs per model and batch size (the median is reported)')
-    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    p.add_argument('--threads', type=int, help='CPU threads (torch.set_num_threads); default: torch\'s choice')
+    p.add_argument('--batch-sizes', type=int_at_least(1), nargs='+', default=[1, 64])
+    p.add_argument('--warmup', type=int_at_least(0), default=3, help='untimed forward passes per model and batch size')
+    p.add_argument('--runs', type=int_at_least(1), default=7, help='timed runs per model and batch size (the median is reported)')
+    p.add_argument('--device', type=device_name, default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--threads', type=int_at_least(1), help='CPU threads (torch.set_num_threads); default: torch\'s choice')
     p.add_argument('--json', action='store_true', help='print one JSON object instead of the table')
     args = p.parse_args(argv)
     if args.threads:
