@@ -6,7 +6,6 @@ class-to-index mapping. Every tool that reads images goes through here.
 from __future__ import annotations
 
 import os
-import signal
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
@@ -199,23 +198,31 @@ class ResumableSampler(Sampler):
         return len(self.base) - self.start
 
 
-def leave_signals_to_main(worker_id: int) -> None:
-    """Data workers ignore SIGINT/SIGTERM: the main process turns them into a saved state and an
-    orderly stop, which it cannot do once a signal to the whole process group (Slurm, systemd,
-    ``kill -- -PGID``, Ctrl-C) has killed its workers under it."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+def readable(loader: DataLoader) -> Iterator[Any]:
+    """The loader's batches; when images cannot be read (timm skips a few unreadable files with a
+    warning, then gives up), one line instead of a worker's traceback."""
+    batches = iter(loader)
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except (RuntimeError, OSError) as e:
+            lines = [line for line in str(e).splitlines() if line.strip()]
+            raise DataError(f'cannot read the images: {lines[-1] if lines else repr(e)} (the warnings above name '
+                            'the files)') from None
+        yield batch
 
 
 def train_loader(dataset, batch_size: int, workers: int, sampler: ResumableSampler, seed: int) -> DataLoader:
     # A private generator keeps the loader's seed draw off the global RNG (exact resume).
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=True,
                       pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(seed),
-                      persistent_workers=False, worker_init_fn=leave_signals_to_main)
+                      persistent_workers=False)
 
 
 def eval_loader(dataset, batch_size: int, workers: int, num_replicas: int = 1, rank: int = 0) -> DataLoader:
     """Each rank evaluates every num_replicas-th image; counts are summed across ranks."""
     shard = Subset(dataset, range(rank, len(dataset), num_replicas)) if num_replicas > 1 else dataset
     return DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=workers,
-                      generator=torch.Generator().manual_seed(0), worker_init_fn=leave_signals_to_main)
+                      generator=torch.Generator().manual_seed(0))

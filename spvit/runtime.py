@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .data import readable
 from .errors import SpvitError
 
 
@@ -196,7 +197,7 @@ def evaluate(model: torch.nn.Module, loader, device: torch.device, d: Dist, amp:
     was_training = model.training
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=device)   # correct1, correct5, loss, count
-    for x, y in loader:
+    for x, y in readable(loader):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with autocast(device, amp):
             logits = model(x)

@@ -219,7 +219,7 @@ class SearchTrainer(Trainer):
         loader = torch.utils.data.DataLoader(self.train_set, batch_size=cfg.batch_size, shuffle=True, generator=gen,
                                              num_workers=min(cfg.workers, 2))
         batches = []
-        for x, y in loader:
+        for x, y in D.readable(loader):
             batches.append((x.to(self.device), y.to(self.device)))
             if len(batches) == cfg.importance_batches:
                 break

@@ -246,10 +246,19 @@ class Trainer:
         eval_loader = D.eval_loader(self.val_set, cfg.eval_batch_size or 2 * cfg.batch_size, cfg.workers,
                                     d.world_size, d.rank)
         with StopSignal() as stop:
-            while self.epoch < cfg.epochs and not self.reached_max_steps():
-                self._train_epoch(stop)
-                if self.step_in_epoch >= self.steps_per_epoch:     # the epoch ran to its end
-                    self._end_epoch(eval_loader)
+            try:
+                while self.epoch < cfg.epochs and not self.reached_max_steps():
+                    self._train_epoch(stop)
+                    if self.step_in_epoch >= self.steps_per_epoch:     # the epoch ran to its end
+                        self._end_epoch(eval_loader)
+            except (D.DataError, RuntimeError):
+                # A signal to the whole process group (Slurm, systemd, kill -- -PGID) also kills the
+                # data workers, and the loader fails before the loop sees the signal: the state is
+                # that of the last finished step, so save it and stop as the signal asks.
+                if not stop.code:
+                    raise
+                self.save_last()
+                raise Interrupted(stop.code) from None
         self.save_last()
         self.finish()
 
@@ -276,7 +285,7 @@ class Trainer:
         self.net.train()
         bar = progress(self.steps_per_epoch, self.step_in_epoch, f'{self.tool} {self.epoch + 1}/{cfg.epochs}', d.main)
         try:
-            for x, y in loader:
+            for x, y in D.readable(loader):
                 x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
                 if self.mixup is not None:
                     x, y = self.mixup(x, y)

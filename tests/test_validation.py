@@ -99,3 +99,20 @@ def test_a_failed_write_is_one_line(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match=f'cannot write {tmp_path / "x.pth"}: Permission denied'):
         atomic_save({'a': torch.zeros(1)}, str(tmp_path / 'x.pth'))
     assert os.listdir(tmp_path) == []
+
+
+def test_a_class_of_unreadable_images_is_one_error_line(image_folder, tmp_path):
+    """timm skips a few unreadable files (a warning each), then gives up: the run ends with one
+    error line and exit 2, not a data worker's traceback."""
+    import shutil
+    from test_search import tool
+    data = tmp_path / 'data'
+    shutil.copytree(image_folder, data)
+    for f in (data / 'train' / 'class_03').iterdir():
+        f.write_bytes(b'not an image')
+    r = tool('search.py', args(str(data), tmp_path / 'out', '--target-ratio', '0.6', '--epochs', '1', '--workers', '2'))
+    assert r.returncode == 2 and 'Traceback' not in r.stderr, r.stderr[-800:]
+    lines = r.stderr.strip().splitlines()
+    errors = [line for line in lines if 'error' in line.lower()]
+    assert len(errors) == 1 and errors[0].startswith('search.py: error: cannot read the images'), lines[-5:]
+    assert all(line.startswith('Skipped sample') for line in lines if line not in errors and 'search' not in line[:12])
