@@ -263,9 +263,14 @@ class SearchTrainer(Trainer):
         return task.float(), {**parts, 'drive': self._drive}
 
     def log_fields(self) -> Dict[str, Any]:
-        """The search's path: every block's op and open MLP units under the deterministic gates."""
+        """The search's path: every block's op, open MLP units and (in a space with heads) the heads
+        its msa keeps (0 for a conv or skip block), under the deterministic gates."""
         arch = self.supernet.architecture()
-        return {'ops': [b.attn for b in arch.blocks], 'mlp_open': [b.mlp_hidden for b in arch.blocks]}
+        fields = {'ops': [b.attn for b in arch.blocks], 'mlp_open': [b.mlp_hidden for b in arch.blocks]}
+        if self.supernet.space.heads:
+            fields['heads_open'] = [0 if b.attn != 'msa' else len(b.heads) if b.heads else d.heads
+                                    for b, d in zip(arch.blocks, self.supernet.block_dims)]
+        return fields
 
     def before_optimizer_step(self) -> None:
         if self.global_step >= self.settle_from:

@@ -2,6 +2,7 @@
 timm, gated FLOPs against the architecture they select, pinned heads against the gated eval, the
 arch file's heads key, and a short search with head gates landing on its target."""
 import copy
+import json
 
 import pytest
 import torch
@@ -167,6 +168,9 @@ def test_search_with_head_gates_lands_and_exports(image_folder, pretrained, tmp_
     arch = Architecture.from_dict(final['arch'])
     if space == 'heads':        # all-msa costs 0.42 of the FLOPs: heads must go
         assert all(b.attn == 'msa' for b in arch.blocks) and any(b.heads for b in arch.blocks)
+    steps = [r for r in map(json.loads, open(out / 'log.jsonl')) if r['kind'] == 'step']
+    assert steps[-1]['heads_open'] == [0 if b.attn != 'msa' else len(b.heads or range(4)) for b in arch.blocks]
+    assert all(len(r['heads_open']) == 4 for r in steps)          # the path, with heads
     pm = export_search(str(out / 'search-final.pth'))
     assert pm.arch == arch
     measured, _ = measure_flops(pm.model, (3, 32, 32))
