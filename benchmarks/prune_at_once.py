@@ -71,6 +71,9 @@ def main(argv=None) -> int:
     for r in args.ratios:
         target = r * sn.original_flops
         hidden = round((target - sn.arch_flops(sn.uniform_arch('msa', 1)) + unit) / unit)
+        if hidden < 1:
+            print(f'{r:g}: every block msa costs more than that; MLP-only prunes skipped')
+            continue
         arch = Architecture(NAME, [BlockArch('msa', hidden) for _ in dims], KWARGS)
         print(f'{r:g} uniform magnitude, {hidden} units per block: {top1(arch):.2f}%')
         print(f'{r:g} uniform fisher: {top1(arch, [top_units(s, hidden) for s in scores.mlp]):.2f}%')
