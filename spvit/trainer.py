@@ -1,9 +1,10 @@
 """The training loop that search and fine-tuning share.
 
-A ``Trainer`` builds and checks everything before it writes a file, then runs epochs of steps
-with progress bars (plain lines when stderr is not a terminal), a jsonl log, atomic resumable checkpoints (exact to the step with workers=0),
-SIGINT/SIGTERM handling, a non-finite-loss stop, AMP and torchrun/DDP. Subclasses say what model
-they train, what the loss is, which optimisers step and what files the run leaves behind.
+A ``Trainer`` builds and checks everything before it writes a file, locks its run directory, then
+runs epochs of steps with progress bars (plain lines when stderr is not a terminal), a jsonl log,
+atomic resumable checkpoints (exact to the step), SIGINT/SIGTERM handling, a non-finite-loss stop,
+AMP and torchrun/DDP. Subclasses say what model they train, what the loss is, which optimisers step
+and what files the run leaves behind.
 """
 from __future__ import annotations
 
