@@ -9,6 +9,7 @@ import os
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
+from PIL import Image
 from timm.data import ImageDataset, Mixup, create_transform, resolve_data_config
 from torch.utils.data import DataLoader, DistributedSampler, Sampler, Subset
 
@@ -199,18 +200,19 @@ class ResumableSampler(Sampler):
 
 
 def readable(loader: DataLoader) -> Iterator[Any]:
-    """The loader's batches; when images cannot be read (timm skips a few unreadable files with a
-    warning, then gives up), one line instead of a worker's traceback."""
+    """The loader's batches; when images cannot be read, one line instead of a data worker's
+    traceback. timm skips a few unreadable files (a warning each, naming it) before it gives up; an
+    image over PIL's decompression-bomb limit is no OSError, so timm does not skip it."""
     batches = iter(loader)
     while True:
         try:
             batch = next(batches)
         except StopIteration:
             return
-        except (RuntimeError, OSError) as e:
+        except (RuntimeError, OSError, Image.DecompressionBombError) as e:
             lines = [line for line in str(e).splitlines() if line.strip()]
-            raise DataError(f'cannot read the images: {lines[-1] if lines else repr(e)} (the warnings above name '
-                            'the files)') from None
+            hint = ' (the warnings above name the files)' if 'consecutive samples' in str(e) else ''
+            raise DataError(f'cannot read the images: {lines[-1] if lines else repr(e)}{hint}') from None
         yield batch
 
 

@@ -116,3 +116,25 @@ def test_a_class_of_unreadable_images_is_one_error_line(image_folder, tmp_path):
     errors = [line for line in lines if 'error' in line.lower()]
     assert len(errors) == 1 and errors[0].startswith('search.py: error: cannot read the images'), lines[-5:]
     assert all(line.startswith('Skipped sample') for line in lines if line not in errors and 'search' not in line[:12])
+
+
+def png_header(width, height):
+    """A PNG that claims width x height pixels (PIL reads the size, and refuses a bomb, on open)."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack('>I', len(data)) + kind + data + struct.pack('>I', zlib.crc32(kind + data))
+    return b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', struct.pack('>IIBBBBB', width, height, 8, 2, 0, 0, 0)) + chunk(b'IEND', b'')
+
+
+def test_a_decompression_bomb_is_one_error_line(image_folder, tmp_path):
+    import shutil
+    from test_search import tool
+    data = tmp_path / 'data'
+    shutil.copytree(image_folder, data)
+    (data / 'train' / 'class_00' / '0000.png').write_bytes(png_header(20000, 20000))
+    r = tool('search.py', args(str(data), tmp_path / 'out', '--target-ratio', '0.6', '--epochs', '1'))
+    assert r.returncode == 2 and 'Traceback' not in r.stderr, r.stderr[-800:]
+    assert r.stderr.strip().splitlines()[-1].startswith('search.py: error: cannot read the images: Image size '
+                                                        '(400000000 pixels) exceeds limit')
