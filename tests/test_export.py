@@ -213,6 +213,9 @@ def test_pruned_file_that_does_not_fit(tmp_path, small_supernet):
     atomic_save(dict(payload, version=2), path)
     with pytest.raises(CheckpointError, match='version 2 is newer'):
         load_pruned(path)
+    atomic_save({k: v for k, v in payload.items() if k != 'version'}, path)
+    with pytest.raises(CheckpointError, match=r'pruned checkpoint without a valid version \(got None\)'):
+        load_pruned(path)
 
 
 @pytest.mark.parametrize('module', ['hybrid.py', 'pruned.py'])

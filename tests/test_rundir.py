@@ -9,8 +9,10 @@ import sys
 import time
 
 import pytest
+import torch
 
 from spvit.config import ConfigError
+from spvit.errors import CheckpointError
 from spvit.rundir import RunLock
 from spvit.search import main as search_main
 
@@ -123,3 +125,15 @@ def test_sigterm_to_the_process_group_saves_state(image_folder, tmp_path):
     assert load(out / 'checkpoint-last.pth')['global_step'] >= 1
     assert 'Traceback' not in err and 'exited unexpectedly' not in err
     assert '\r' not in err and re.search(r'^search 1/100: \d+/16 steps \(\d+%\), [\d.]+ s/step, loss=', err, re.M), err[-800:]
+
+
+def test_a_resume_state_that_does_not_fit_names_its_keys(image_folder, tmp_path):
+    out = tmp_path / 'run'
+    search_main(short_search(image_folder, out, '--max-steps', '2'))
+    state = load(out / 'checkpoint-last.pth')
+    weights = state['supernet']['state_dict']
+    weights['extra.weight'] = weights.pop('model.cls_token')
+    torch.save(state, out / 'checkpoint-last.pth')
+    with pytest.raises(CheckpointError, match=r'resume checkpoint does not fit the model: missing: model.cls_token '
+                                              r'\(1\); unexpected: extra.weight \(1\)'):
+        search_main(['--resume', str(out / 'checkpoint-last.pth')])
