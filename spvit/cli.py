@@ -29,7 +29,7 @@ def run(main: Callable[[Optional[Sequence[str]]], Optional[int]], argv: Optional
         print(f'{prog}: error: {e}', file=sys.stderr)
         sys.exit(1)
     except Interrupted as e:
-        print(f'{prog}: interrupted; state saved, resume with --resume', file=sys.stderr)
+        print(f'{prog}: interrupted; state saved, {e.hint}', file=sys.stderr)
         sys.exit(e.code)
     sys.exit(code or 0)
 

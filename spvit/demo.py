@@ -10,13 +10,16 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
 from typing import Any, Dict, List, Optional
 
 from .fashion_mnist import write_image_folder
-from .runtime import TrainingError
+from .finetune import LAST as FINETUNE_LAST
+from .runtime import Interrupted, StopSignal, TrainingError
+from .trainer import LAST as SEARCH_LAST
 
 MODEL = ['--model', 'vit_tiny_patch16_224', '--model-kwargs', 'img_size=32', 'patch_size=4', 'embed_dim=96',
          'depth=6', 'num_heads=3']
@@ -33,13 +36,88 @@ def tool(name: str) -> List[str]:
 
 
 def sh(cmd: List[str], capture: bool = False) -> str:
+    """Run one step. A SIGINT/SIGTERM to the demo alone is passed on to the step (one to the whole
+    process group reaches it anyway); the demo waits for the step to save its state, then stops
+    with the signal's exit code."""
     shown = ['python' if c == sys.executable else os.path.relpath(c) if c.startswith('/') and '/tools/' in c else c
              for c in cmd]
     print('\n$ ' + shlex.join(shown), flush=True)
-    result = subprocess.run(cmd, text=True, stdout=subprocess.PIPE if capture else None)
-    if result.returncode:
-        raise TrainingError(f'demo step failed with exit code {result.returncode}: {shlex.join(shown)}')
-    return result.stdout if capture else ''
+    proc = subprocess.Popen(cmd, text=True, stdout=subprocess.PIPE if capture else None)
+    received: List[int] = []
+
+    def forward(signum, frame) -> None:
+        received.append(signum)
+        if proc.poll() is None:
+            proc.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in StopSignal.CODES}
+    try:
+        out, _ = proc.communicate()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if received:
+        raise Interrupted(StopSignal.CODES[received[0]], 'run the same command again to go on from the saved state')
+    if proc.returncode:
+        raise TrainingError(f'demo step failed with exit code {proc.returncode}: {shlex.join(shown)}')
+    return out if capture else ''
+
+
+class StepState:
+    """Which training runs a demo reuses or resumes, kept in ``<runs>/demo-state.json``.
+
+    The pretrained model is reused whenever its command is unchanged. After a demo that stopped
+    before its end (a signal, a failed step), the next one reuses its finished search and fine-tune
+    and resumes the one it stopped in from its last checkpoint; after a finished demo they run
+    again. A run is reused or resumed only while every run before it was reused: the search
+    of an earlier pretrained model is not this one's.
+    """
+
+    def __init__(self, runs: str) -> None:
+        self.path = os.path.join(runs, 'demo-state.json')
+        try:
+            with open(self.path) as f:
+                self.state: Dict[str, Any] = json.load(f)
+        except (OSError, ValueError):
+            self.state = {}
+        self.stopped = self.state.get('complete') is False
+        self.upstream_ran = False
+        self.state['complete'] = False
+        self.state.setdefault('steps', {})
+        self._write()
+
+    def _write(self) -> None:
+        tmp = f'{self.path}.tmp{os.getpid()}'
+        with open(tmp, 'w') as f:
+            json.dump(self.state, f, indent=1)
+        os.replace(tmp, self.path)
+
+    def _mark(self, name: str, command: str, done: bool) -> None:
+        self.state['steps'][name] = {'command': command, 'done': done}
+        self._write()
+
+    def train(self, name: str, cmd: List[str], out_dir: str, last: str, keep_finished: bool = False) -> None:
+        """Run ``cmd`` (a training tool writing ``out_dir``), or reuse an earlier run of it, or
+        resume one from its ``last`` file."""
+        key = shlex.join(cmd[2:])
+        saved = self.state['steps'].get(name, {})
+        same = saved.get('command') == key and not self.upstream_ran
+        last = os.path.join(out_dir, last)
+        if same and saved.get('done') and (keep_finished or self.stopped):
+            print(f'\n{name}: reusing the finished run in {out_dir} (delete it to run again)', flush=True)
+            return
+        self.upstream_ran = True
+        if same and self.stopped and os.path.exists(last):
+            sh([*cmd[:2], '--resume', last])
+        else:
+            shutil.rmtree(out_dir, ignore_errors=True)
+            self._mark(name, key, False)
+            sh(cmd)
+        self._mark(name, key, True)
+
+    def finish(self) -> None:
+        self.state['complete'] = True
+        self._write()
 
 
 def steps(data: str, runs: str, pretrain_epochs: int, search_epochs: int, finetune_epochs: int) -> Dict[str, List[str]]:
@@ -70,20 +148,11 @@ def run_demo(data_root: str = 'data', runs: str = 'runs/demo', train_per_class: 
     write_image_folder(data, os.path.join(data_root, 'cache'), train_per_class, val_per_class)
     os.makedirs(runs, exist_ok=True)
     cmds = steps(data, runs, pretrain_epochs, search_epochs, finetune_epochs)
-    pre = os.path.join(runs, 'pretrain')
-    stamp = os.path.join(pre, 'demo-command.txt')
-    key = shlex.join(cmds['pretrain'][2:])
-    if os.path.exists(os.path.join(pre, 'best.pth')) and os.path.exists(stamp) and open(stamp).read() == key:
-        print(f'\npretrained model cached in {pre} (delete it to train again)', flush=True)
-    else:
-        shutil.rmtree(pre, ignore_errors=True)
-        sh(cmds['pretrain'])
-        with open(stamp, 'w') as f:
-            f.write(key)
-    for name in ('search', 'finetune'):            # this demo's own outputs from an earlier run
-        shutil.rmtree(os.path.join(runs, name), ignore_errors=True)
-    for name in ('search', 'export', 'finetune'):
-        sh(cmds[name])
+    state = StepState(runs)
+    state.train('pretrain', cmds['pretrain'], os.path.join(runs, 'pretrain'), FINETUNE_LAST, keep_finished=True)
+    state.train('search', cmds['search'], os.path.join(runs, 'search'), SEARCH_LAST)
+    sh(cmds['export'])
+    state.train('finetune', cmds['finetune'], os.path.join(runs, 'finetune'), FINETUNE_LAST)
     original = json.loads(sh(cmds['eval_original'], capture=True))
     pruned = json.loads(sh(cmds['eval_pruned'], capture=True))
     sh(cmds['flops'])
@@ -92,6 +161,7 @@ def run_demo(data_root: str = 'data', runs: str = 'runs/demo', train_per_class: 
     print('\n' + table(result))
     if report:
         write_report(report, os.path.join(runs, 'search'), os.path.join(runs, 'finetune', 'best.pth'))
+    state.finish()
     return result
 
 

@@ -25,11 +25,12 @@ class TrainingError(Exception):
 
 
 class Interrupted(Exception):
-    """SIGINT/SIGTERM arrived; the run saved its state. Carries the exit code (130/143)."""
+    """SIGINT/SIGTERM arrived; the run saved its state. Carries the exit code (130/143) and how
+    to go on."""
 
-    def __init__(self, code: int) -> None:
+    def __init__(self, code: int, hint: str = 'resume with --resume') -> None:
         super().__init__(f'interrupted (exit {code})')
-        self.code = code
+        self.code, self.hint = code, hint
 
 
 @dataclass

@@ -1,9 +1,15 @@
-"""The demo's data preparation on a handful of images, and its table."""
+"""The demo's data preparation on a handful of images, its table, and a demo stopped and rerun."""
 import gzip
+import json
 import os
+import signal
 import struct
+import subprocess
+import sys
+import time
 
 import numpy as np
+import torch
 from PIL import Image
 
 from spvit.demo import table
@@ -52,3 +58,38 @@ def test_table():
          'minutes': 9.5}
     text = table(r)
     assert '-0.50' in text and '0.600x' in text and '0.750x' in text and '9.5 min' in text
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_a_demo_stopped_by_sigterm_to_its_group_goes_on_where_it_stopped(tmp_path):
+    """``make demo`` under Slurm/systemd/``kill -- -PGID``: the running step saves its state, the
+    demo exits 143, and the same command again resumes that step and finishes the demo."""
+    data, runs = tmp_path / 'data', tmp_path / 'runs'
+    write_image_folder(str(data / 'fashion-mnist'), str(data / 'cache'), 7, 1,
+                       source=fake_source(str(tmp_path / 'src'), n_train=80))   # one batch of 64
+    cmd = [sys.executable, os.path.join(REPO, 'tools', 'demo.py'), '--data-root', str(data), '--runs', str(runs),
+           '--train-per-class', '7', '--val-per-class', '1', '--pretrain-epochs', '12', '--search-epochs', '1',
+           '--finetune-epochs', '1', '--report', '']
+    env = {**os.environ, 'PYTHONPATH': REPO}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env,
+                            start_new_session=True)
+    log, last = runs / 'pretrain' / 'log.jsonl', runs / 'pretrain' / 'last.pth'
+    deadline = time.time() + 120
+    while not last.exists() and time.time() < deadline and proc.poll() is None:     # after the first epoch
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-800:]
+    assert 'demo.py: interrupted; state saved, run the same command again' in err and 'Traceback' not in err
+    assert not (runs / 'search').exists()
+    assert 1 <= torch.load(last, weights_only=True)['epoch'] + 1 < 12
+
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-800:]
+    assert f'--resume {runs / "pretrain" / "last.pth"}' in r.stdout
+    epochs = [json.loads(line)['epoch'] for line in open(log) if json.loads(line)['kind'] == 'epoch']
+    assert epochs == list(range(12))        # each epoch once: resumed, not restarted
+    assert (runs / 'finetune' / 'best.pth').exists() and 'val top-1 (%)' in r.stdout
+    assert json.load(open(runs / 'demo-state.json'))['complete'] is True
