@@ -73,10 +73,10 @@ class SearchConfig(ModelOptions, DataOptions, TrainOptions, DistillOptions):
     gate_update: str = field('per-flop', 'per-flop: momentum SGD on gate gradients divided by their FLOPs and one '
                              'running RMS, so steps follow each gate\'s gradient; adamw: AdamW per gate (the paper)',
                              choices=('per-flop', 'adamw'))
-    gate_noise: str = field('anneal', 'sampling noise of the gates in training: sampled (the paper: relaxed Bernoulli '
-                            'throughout), anneal (its scale falls to 0 over the target ramp, so the weights finish '
-                            'training on the architecture they will be exported with), none (thresholded logits, '
-                            'relaxed gradient only)', choices=('sampled', 'anneal', 'none'))
+    gate_noise: str = field('none', 'sampling noise of the gates in training: none (the forward is the thresholded '
+                            'logits, the architecture export builds, from the first step; the gradient stays relaxed), '
+                            'anneal (its scale falls to 0 over the target ramp), sampled (the paper: relaxed Bernoulli '
+                            'throughout)', choices=('none', 'anneal', 'sampled'))
     ops_after_ramp: str = field('free', 'once the target is reached, free: a block\'s attention op may move both '
                                 'ways (the paper); down: it may still fall (msa > conv3x3 > conv1x1 > skip) but never '
                                 'rise again, so an undershoot is refilled by MLP units instead of a whole msa',
