@@ -2,6 +2,8 @@
 and survives tracing, torch.export, timm's feature API and a round trip through its file."""
 import ast
 import os
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -10,6 +12,7 @@ import torch
 import torch.nn as nn
 
 import spvit
+from spvit.arch import Architecture, BlockArch
 from spvit.checkpoint import atomic_save
 from spvit.errors import ArchitectureError, CheckpointError
 from spvit.export import build_from_arch, export_search, export_supernet, to_hybrid
@@ -240,3 +243,24 @@ def test_every_exported_parameter_is_used():
     model(torch.randn(2, 3, 32, 32)).sum().backward()
     unused = [n for n, p in model.named_parameters() if p.grad is None]
     assert unused == []
+
+
+SEARCH_MODULES = ('spvit.supernet', 'spvit.slots', 'spvit.gates', 'spvit.mixing', 'spvit.search', 'spvit.trainer',
+                  'spvit.export', 'spvit.importance', 'spvit.budget', 'fvcore')
+
+
+def test_loading_a_pruned_model_imports_no_search_code(tmp_path):
+    """The inference boundary, in a fresh interpreter: ``spvit.load_pruned`` and a forward pass load
+    neither the search machinery nor fvcore."""
+    arch = Architecture('vit_tiny_patch16_224', [BlockArch('conv3x3', 96), BlockArch('msa', 192)],
+                        dict(img_size=32, patch_size=8, depth=2, num_classes=5))
+    path = str(tmp_path / 'pruned.pth')
+    build_from_arch(arch.model, arch.model_kwargs, arch).save(path)
+    code = ('import sys, torch, spvit\n'
+            f'model = spvit.load_pruned({path!r}).eval()\n'
+            'model(torch.randn(1, 3, 32, 32))\n'
+            f'print([m for m in {SEARCH_MODULES!r} if m in sys.modules])')
+    r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                       env={**os.environ, 'PYTHONPATH': os.path.dirname(os.path.dirname(spvit.__file__))})
+    assert r.returncode == 0, r.stderr[-800:]
+    assert r.stdout.strip() == '[]'
