@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any, Callable, Optional, Sequence, Tuple
+from typing import Any, Callable, Optional, Sequence, Tuple, Type, TypeVar
 
+from .config import add_config_arguments, kv_item, resolve
 from .errors import SpvitError
+
+T = TypeVar('T')
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -36,7 +39,6 @@ def run(main: Callable[[Optional[Sequence[str]]], Optional[int]], argv: Optional
 
 def model_kwarg(text: str) -> Tuple[str, Any]:
     """argparse type for ``--model-kwargs k=v``: the value is read as YAML (ints, floats, bools, lists)."""
-    from .config import kv_item
     try:
         return kv_item(text)
     except SpvitError as e:
@@ -92,3 +94,12 @@ def model_source(args: argparse.Namespace):
     if args.img_size is not None:
         kwargs['img_size'] = args.img_size
     return load_pair(model=args.model, arch=args.arch, pruned=args.pruned, model_kwargs=kwargs)
+
+
+def parse_config(cls: Type[T], prog: str, description: str, argv: Optional[Sequence[str]] = None) -> T:
+    """A tool's command line: ``--config FILE`` plus one flag per field of ``cls``."""
+    parser = ArgumentParser(prog=prog, description=description)
+    parser.add_argument('--config', help='YAML file of config keys (flags override it)')
+    add_config_arguments(parser, cls)
+    args = parser.parse_args(argv)
+    return resolve(cls, args, args.config)

@@ -209,15 +209,5 @@ def given_keys(cfg: Any) -> Set[str]:
     return {f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(default, f.name)}
 
 
-def parse_config(cls: Type[T], prog: str, description: str, argv: Optional[Sequence[str]] = None) -> T:
-    """A tool's command line: ``--config FILE`` plus one flag per field of ``cls``."""
-    from .cli import ArgumentParser
-    parser = ArgumentParser(prog=prog, description=description)
-    parser.add_argument('--config', help='YAML file of config keys (flags override it)')
-    add_config_arguments(parser, cls)
-    args = parser.parse_args(argv)
-    return resolve(cls, args, args.config)
-
-
 def to_dict(cfg: Any) -> Dict[str, Any]:
     return dataclasses.asdict(cfg)

@@ -9,7 +9,8 @@ from typing import Any, Dict, Optional, Sequence
 
 
 from . import data as D
-from .config import AT_LEAST_ONE, NON_NEGATIVE, ConfigError, field, parse_config
+from .cli import parse_config
+from .config import AT_LEAST_ONE, NON_NEGATIVE, ConfigError, field
 from .flops import measure_flops
 from .models import create_model
 from .options import DataOptions, ModelOptions

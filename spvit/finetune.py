@@ -14,7 +14,6 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Sequence
 
-import torch
 import torch.nn as nn
 from timm.optim import create_optimizer_v2
 from timm.utils import ModelEmaV3
@@ -22,7 +21,8 @@ from timm.utils import ModelEmaV3
 from . import data as D
 from .arch import Architecture
 from .checkpoint import load_file
-from .config import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, ConfigError, field, parse_config
+from .cli import parse_config
+from .config import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, ConfigError, field
 from .distillation import distillation_task, prepare_teacher
 from .errors import CheckpointError
 from .compare import full_architecture

@@ -20,7 +20,8 @@ from . import data as D
 from .arch import Architecture
 from .budget import MAX_RAMP, RAMP_SPEED, BudgetSchedule, FlopsDrive, PerFlopGateStep, default_ramp, penalty
 from .checkpoint import SEARCH_FORMAT, atomic_save, load_file, supernet_record
-from .config import AT_LEAST_ONE, FRACTION_BELOW_ONE, POSITIVE, ConfigError, field, parse_config
+from .cli import parse_config
+from .config import AT_LEAST_ONE, FRACTION_BELOW_ONE, POSITIVE, ConfigError, field
 from .distillation import distillation_task, prepare_teacher
 from .importance import gate_fisher, init_from_importance
 from .models import create_model, load_exactly

@@ -9,6 +9,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -63,6 +64,7 @@ def test_table():
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
 def test_a_demo_stopped_by_sigterm_to_its_group_goes_on_where_it_stopped(tmp_path):
     """``make demo`` under Slurm/systemd/``kill -- -PGID``: the running step saves its state, the
     demo exits 143, and the same command again resumes that step and finishes the demo."""

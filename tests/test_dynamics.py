@@ -11,7 +11,7 @@ from spvit.export import build_from_arch
 from spvit.importance import gate_fisher, init_from_importance, ranked_logits
 from spvit.search import importance_spread
 
-from conftest import SMALL, supernet_and_original
+from helpers import SMALL, supernet_and_original
 
 
 def test_ramp_and_paper_penalty():
@@ -92,6 +92,7 @@ def test_fisher_scores_are_zero_for_unused_units_and_ranked_logits_keep_theta0(s
     assert dead_logits.max() < live_logits.min()                   # unused units rank lowest, in every block
 
 
+@pytest.mark.slow
 def test_useful_units_stay_open_while_unused_ones_close_first():
     """Fisher-ranked start, per-FLOP steps, the ramp and the drive together (weights frozen, MLP
     gates only): units that serve nothing close first, the FLOPs follow the ramp without a jump

@@ -20,7 +20,7 @@ from spvit.flops import measure_flops
 from spvit.hybrid import ConvAttention, HeadAttention, NoAttention
 from spvit.pruned import PRUNED_FORMAT, load_pruned, read_pruned
 
-from conftest import (SMALL, randomize_batchnorm, randomize_mixing, random_arch, search_payload, set_gates,
+from helpers import (SMALL, randomize_batchnorm, randomize_mixing, random_arch, search_payload, set_gates,
                       supernet_and_original)
 
 # (model, kwargs, seed, msa blocks keep a subset of their heads)
@@ -233,7 +233,7 @@ def test_runtime_modules_import_no_search_code(module):
 def test_every_exported_parameter_is_used():
     """What DDP needs of a fine-tuned hybrid (and what 'the parameter count is what inference uses'
     means): every parameter gets a gradient, also in skipped blocks (their pre-norm is gone)."""
-    from conftest import supernet_and_original
+    from helpers import supernet_and_original
     from spvit.export import to_hybrid
     supernet, _ = supernet_and_original('vit_tiny_patch16_224', **SMALL)
     arch, kept = random_arch(supernet, 0)
@@ -249,6 +249,7 @@ SEARCH_MODULES = ('spvit.supernet', 'spvit.slots', 'spvit.gates', 'spvit.mixing'
                   'spvit.export', 'spvit.importance', 'spvit.budget', 'fvcore')
 
 
+@pytest.mark.slow
 def test_loading_a_pruned_model_imports_no_search_code(tmp_path):
     """The inference boundary, in a fresh interpreter: ``spvit.load_pruned`` and a forward pass load
     neither the search machinery nor fvcore."""

@@ -13,8 +13,7 @@ from spvit.evaluation import EvalConfig, run_eval
 from spvit.finetune import FinetuneConfig, FinetuneTrainer, main as finetune_main
 from spvit.search import main as search_main
 
-from conftest import SEARCH_DATA, SEARCH_MODEL
-from test_search import REPO, load, tool
+from helpers import REPO, SEARCH_DATA, SEARCH_MODEL, load, tool
 
 DATA_KW = dict(mean=[.5] * 3, std=[.5] * 3, crop_pct=1.0, workers=0)
 
@@ -40,6 +39,7 @@ def top1(path, data):
     return run_eval(from_dict(EvalConfig, dict(pruned=str(path), data_dir=data, batch_size=64, **DATA_KW)))['top1']
 
 
+@pytest.mark.slow
 def test_finetune_does_not_lower_top1(pruned, image_folder, tmp_path):
     before = top1(pruned, image_folder)
     finetune_main(ft_args(pruned, image_folder, tmp_path / 'ft', '--epochs', '2', '--distill', 'soft'))
@@ -53,6 +53,7 @@ def test_finetune_does_not_lower_top1(pruned, image_folder, tmp_path):
     assert r.returncode == 0 and json.loads(r.stdout)['flops'] > 0
 
 
+@pytest.mark.slow
 def test_soft_distillation_term_and_gradients(pruned, image_folder, pretrained, tmp_path):
     cfg = from_dict(FinetuneConfig, dict(pruned=pruned, data_dir=image_folder, output_dir=str(tmp_path / 'ft'),
                                          batch_size=8, distill='soft', distill_alpha=0.3, distill_tau=2.0, mixup=0.0,
@@ -74,6 +75,7 @@ def test_soft_distillation_term_and_gradients(pruned, image_folder, pretrained, 
     assert all(p.grad is not None for p in trainer.model.parameters() if p.requires_grad)
 
 
+@pytest.mark.slow
 def test_hard_distillation_and_unpruned_baseline(pretrained, image_folder, tmp_path):
     out = tmp_path / 'base'
     finetune_main([*SEARCH_MODEL, *SEARCH_DATA, '--checkpoint', pretrained, '--data-dir', image_folder,
@@ -85,6 +87,7 @@ def test_hard_distillation_and_unpruned_baseline(pretrained, image_folder, tmp_p
     assert sum(p.numel() for p in model.parameters()) == sum(v.numel() for k, v in load(pretrained)['model'].items())
 
 
+@pytest.mark.slow
 def test_resume_is_exact(pruned, image_folder, tmp_path):
     common = ['--epochs', '2', '--distill', 'soft', '--model-ema', '--seed', '5']
     finetune_main(ft_args(pruned, image_folder, tmp_path / 'whole', *common))
@@ -97,6 +100,7 @@ def test_resume_is_exact(pruned, image_folder, tmp_path):
             assert (v.float() - split[key][k].float()).abs().max().item() <= 1e-6, k
 
 
+@pytest.mark.slow
 def test_eval_tool_json_and_baseline(pruned, pretrained, image_folder):
     r = tool('eval.py', ['--pruned', pruned, '--data-dir', image_folder, *SEARCH_DATA, '--json'])
     assert r.returncode == 0, r.stderr
@@ -114,6 +118,7 @@ def test_eval_tool_json_and_baseline(pruned, pretrained, image_folder):
     (lambda p, d, t: ft_args(p, d, t / 'o', '--distill', 'soft', '--teacher', str(t / 'nope.pth')), 'teacher checkpoint not found'),
     (lambda p, d, t: ft_args(p, d + '/nope', t / 'o'), 'data dir not found'),
 ])
+@pytest.mark.slow
 def test_bad_input(pruned, image_folder, tmp_path, argv, message):
     r = tool('finetune.py', argv(pruned, image_folder, tmp_path))
     assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
@@ -131,6 +136,7 @@ torch.save(model.state_dict(), os.path.join(sys.argv[3], f'rank{os.environ["RANK
 '''
 
 
+@pytest.mark.slow
 def test_ddp_two_cpu_processes_stay_identical(pruned, image_folder, tmp_path):
     script = tmp_path / 'worker.py'
     script.write_text(DDP_WORKER)

@@ -6,7 +6,7 @@ import torch
 import spvit
 from spvit.flops import measure_flops
 
-from conftest import SMALL, random_arch, supernet_and_original
+from helpers import SMALL, random_arch, supernet_and_original
 
 
 @pytest.mark.parametrize('name,gflops', [

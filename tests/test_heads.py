@@ -13,7 +13,7 @@ from spvit import Architecture, ArchitectureError, BlockArch
 from spvit.checkpoint import supernet_from_record, supernet_record
 from spvit.importance import gate_fisher, init_from_importance
 
-from conftest import SMALL, build, randomize_batchnorm, random_arch, set_gates
+from helpers import SMALL, build, randomize_batchnorm, random_arch, set_gates
 
 
 def head_supernet(space='full', name='vit_tiny_patch16_224', **kwargs):
@@ -152,6 +152,7 @@ def test_importance_ranks_a_head_against_units_by_loss_per_flop():
     assert head0[0] > unit_logits.max() and head0[1] < unit_logits.min()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('space', ['heads', 'full'])
 def test_search_with_head_gates_lands_and_exports(image_folder, pretrained, tmp_path, space):
     """A short search in a space with heads lands on its target; the export keeps the searched heads

@@ -16,7 +16,7 @@ from spvit.errors import CheckpointError
 from spvit.rundir import RunLock
 from spvit.search import main as search_main
 
-from test_search import REPO, args, load, tool
+from helpers import REPO, args, load, tool
 
 
 def short_search(data, out, *extra):
@@ -27,6 +27,7 @@ def steps(out):
     return [r['step'] for r in map(json.loads, open(out / 'log.jsonl'))]
 
 
+@pytest.mark.slow
 def test_resume_keeps_the_runs_settings(image_folder, tmp_path):
     out = tmp_path / 'run'
     search_main(short_search(image_folder, out, '--max-steps', '5', '--log-every', '1'))
@@ -59,6 +60,7 @@ def test_resume_trims_the_log_and_clears_temp_files(image_folder, tmp_path):
     assert not (out / 'checkpoint-last.pth.tmp4242').exists() and (out / 'notes.tmp').exists()
 
 
+@pytest.mark.slow
 def test_resume_into_another_directory_never_overwrites_a_run(image_folder, tmp_path):
     a, b = tmp_path / 'a', tmp_path / 'b'
     search_main(short_search(image_folder, a, '--max-steps', '3'))
@@ -84,6 +86,7 @@ def test_a_run_that_died_before_its_first_checkpoint_leaves_a_reusable_directory
         search_main(short_search(image_folder, out, '--max-steps', '2'))
 
 
+@pytest.mark.slow
 def test_a_directory_in_use_by_another_run_is_refused(image_folder, tmp_path):
     """Another process holds the run directory's lock (a live run): a second run there exits 2
     before writing; the lock goes with its holder."""
@@ -102,6 +105,7 @@ def test_a_directory_in_use_by_another_run_is_refused(image_folder, tmp_path):
     assert r.returncode == 0, r.stderr
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_before_any_checkpoint_says_so(image_folder, tmp_path):
     r = tool('search.py', short_search(image_folder, tmp_path / 'run', '--lr', '1e30'))
     assert r.returncode == 1 and 'non-finite loss' in r.stderr, r.stderr[-500:]

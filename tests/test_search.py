@@ -12,29 +12,13 @@ import torch
 from spvit.arch import Architecture
 from spvit.search import main as search_main
 
-from conftest import SEARCH_DATA, SEARCH_MODEL
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def args(data, out, *extra):
-    return [*SEARCH_MODEL, *SEARCH_DATA, '--data-dir', data, '--output-dir', str(out), '--batch-size', '16', *extra]
-
-
-def tool(name, argv, **kw):
-    env = {**os.environ, 'PYTHONPATH': REPO}
-    return subprocess.run([sys.executable, os.path.join(REPO, 'tools', name), *argv], capture_output=True, text=True,
-                          env=env, cwd=REPO, **kw)
-
-
-def load(path):
-    return torch.load(path, map_location='cpu', weights_only=True)
-
+from helpers import REPO, args, load, tool
 
 def gate_logits(state_dict):
     return {k: v for k, v in state_dict.items() if k.endswith('gate_logits')}
 
 
+@pytest.mark.slow
 def test_search_reaches_target_and_writes_its_files(image_folder, pretrained, tmp_path):
     out = tmp_path / 'run'
     search_main(args(image_folder, out, '--checkpoint', pretrained, '--target-ratio', '0.3', '--epochs', '10'))
@@ -61,6 +45,7 @@ def test_search_reaches_target_and_writes_its_files(image_folder, pretrained, tm
     assert steps[-1]['target'] == pytest.approx(target)
 
 
+@pytest.mark.slow
 def test_paper_form_still_runs(image_folder, pretrained, tmp_path):
     """--gate-update adamw with the penalty in the loss, no ramp, constant init, no settle phase:
     the paper's search, which moves towards its target."""
@@ -75,6 +60,7 @@ def test_paper_form_still_runs(image_folder, pretrained, tmp_path):
     assert steps[-1]['gflops'] < steps[0]['gflops']
 
 
+@pytest.mark.slow
 def test_resume_is_exact(image_folder, pretrained, tmp_path):
     common = ['--checkpoint', pretrained, '--target-ratio', '0.6', '--epochs', '2', '--arch-lr', '0.05', '--seed', '3',
               '--ops-after-ramp', 'down']       # its op ceiling is part of the state
@@ -90,6 +76,7 @@ def test_resume_is_exact(image_folder, pretrained, tmp_path):
     assert max((v.float() - split[k].float()).abs().max().item() for k, v in whole.items()) <= 1e-6
 
 
+@pytest.mark.slow
 def test_distilled_search_resumes_exactly(image_folder, pretrained, tmp_path):
     """--distill soft: the frozen teacher is the starting model, also after a resume (which has to
     load it again), so an interrupted distilled search ends where an uninterrupted one does."""
@@ -104,6 +91,7 @@ def test_distilled_search_resumes_exactly(image_folder, pretrained, tmp_path):
     assert all(r['kd_loss'] >= 0 and r['task_loss'] > 0 for r in steps if r['kind'] == 'step')
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('sig,code', [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_signal_saves_state_and_exits(image_folder, tmp_path, sig, code):
     out = tmp_path / 'run'
@@ -122,6 +110,7 @@ def test_signal_saves_state_and_exits(image_folder, tmp_path, sig, code):
     assert 'Traceback' not in err.decode()
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_stops_and_keeps_last_good_state(image_folder, tmp_path):
     out = tmp_path / 'run'
     r = tool('search.py', args(image_folder, out, '--target-ratio', '0.6', '--epochs', '2', '--lr', '1e9',
@@ -148,6 +137,7 @@ def test_nonfinite_loss_stops_and_keeps_last_good_state(image_folder, tmp_path):
     (lambda a, d, t: a(d, t / 'out', '--target-ratio', '0.6', '--arch-lr', '-1'), '--arch-lr must be positive'),
     (lambda a, d, t: a(d, t / 'out', '--target-ratio', '0.6', '--gate-init', 'random'), 'invalid choice'),
 ])
+@pytest.mark.slow
 def test_bad_input_one_line_exit_2(image_folder, tmp_path, change, message):
     torch.save({'model': {'foo': torch.zeros(1)}}, tmp_path / 'bad.pth')
     r = tool('search.py', change(args, image_folder, tmp_path))
@@ -157,6 +147,7 @@ def test_bad_input_one_line_exit_2(image_folder, tmp_path, change, message):
     assert not (tmp_path / 'out').exists()
 
 
+@pytest.mark.slow
 def test_class_mismatch_and_existing_run_are_refused(image_folder, tmp_path):
     import shutil
     data = tmp_path / 'data'
@@ -172,6 +163,7 @@ def test_class_mismatch_and_existing_run_are_refused(image_folder, tmp_path):
     assert {f: (out / f).read_bytes() for f in os.listdir(out)} == before
 
 
+@pytest.mark.slow
 def test_yaml_config_and_flag_override(image_folder, tmp_path):
     cfg = tmp_path / 'c.yaml'
     cfg.write_text('target_ratio: 0.7\nepochs: 3\nloss_lambda: 7.5\nmodel_kwargs: {img_size: 32}\n')
@@ -209,6 +201,7 @@ torch.save(supernet.state_dict(), os.path.join(sys.argv[2], f'rank{os.environ["R
 '''
 
 
+@pytest.mark.slow
 def test_ddp_two_cpu_processes_stay_identical(image_folder, tmp_path):
     script = tmp_path / 'worker.py'
     script.write_text(DDP_WORKER)

@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from spvit.gates import attention_gates, sample_gates
 from spvit.mixing import OFFSETS
 
-from conftest import SMALL, conv_slot, randomize_batchnorm, random_arch, set_gates, supernet_and_original
+from helpers import (SMALL, conv_slot, randomize_batchnorm, random_arch, reference_conv, set_gates,
+                     supernet_and_original)
 
 EQUIVALENCE_CASES = [
     ('deit_tiny_patch16_224', {}),
@@ -48,34 +49,6 @@ def test_weights_are_shared_not_copied(small_supernet):
     with torch.no_grad():
         slot.qkv.weight[128:] += 0.1
     assert not torch.allclose(before, slot(x))
-
-
-def reference_conv(slot, x, op):
-    """The conv ops written straight from the method doc, with conv2d on the mixed kernels."""
-    heads, hd = slot.num_heads, slot.head_dim
-    d = x.shape[-1]
-    H, W = slot.grid_size
-    npt = slot.num_prefix_tokens
-    P = torch.softmax(slot.head_assign / slot.alpha, dim=0)
-    Wv, bv = slot.qkv.weight[2 * d:], slot.qkv.bias[2 * d:]
-    Wo, bo = slot.proj.weight, slot.proj.bias
-    K = [sum(P[h, k] * Wv[h * hd:(h + 1) * hd] for h in range(heads)) for k in range(9)]
-    b = [sum(P[h, k] * bv[h * hd:(h + 1) * hd] for h in range(heads)) for k in range(9)]
-    O = [sum(P[h, k] * Wo[:, h * hd:(h + 1) * hd] for h in range(heads)) for k in range(9)]
-    img = x[:, npt:].transpose(1, 2).reshape(x.shape[0], d, H, W)
-    if op == 'conv1x1':
-        weight, bias, out_w, bn = K[4][:, :, None, None], b[4], O[4], slot.bn1
-        z = F.conv2d(img, weight, bias)
-    else:
-        weight = torch.zeros(hd, d, 3, 3)
-        for k, (dy, dx) in enumerate(OFFSETS):
-            weight[:, :, dy + 1, dx + 1] = K[k]
-        bias, out_w, bn = sum(b), sum(O), slot.bn3
-        z = F.conv2d(img, weight, bias, padding=1)
-    z = (z - bn.running_mean[:, None, None]) / torch.sqrt(bn.running_var[:, None, None] + bn.eps)
-    z = torch.relu(z * bn.weight[:, None, None] + bn.bias[:, None, None])
-    out = torch.einsum('bchw,dc->bhwd', z, out_w).reshape(x.shape[0], H * W, d) + bo
-    return torch.cat([torch.zeros(x.shape[0], npt, d), out], dim=1)
 
 
 @pytest.mark.parametrize('op,logits', [('conv1x1', [5., -5., -5.]), ('conv3x3', [5., 5., -5.])])

@@ -6,8 +6,7 @@ import torch
 import spvit
 from spvit.flops import measure_flops
 
-from conftest import conv_slot, randomize_batchnorm, random_arch, supernet_and_original
-from test_supernet import reference_conv
+from helpers import conv_slot, reference_conv, randomize_batchnorm, random_arch, supernet_and_original
 
 NAME = 'swin_tiny_patch4_window7_224'
 # 16x16 then 8x8 feature maps in 4x4 windows; the second block of each stage is shifted.
@@ -78,7 +77,7 @@ def test_untiled_feature_map_is_refused():
 def test_export_matches_pinned_supernet(swin, seed, heads, tmp_path):
     """Exact export, also of msa blocks that keep some of their heads (and those heads' relative
     position bias)."""
-    from conftest import randomize_mixing
+    from helpers import randomize_mixing
     from spvit.export import export_supernet
     supernet, _ = swin
     arch, kept = random_arch(supernet, seed, heads)
@@ -102,10 +101,11 @@ def test_export_matches_pinned_supernet(swin, seed, heads, tmp_path):
     assert not any(k in n for n in names for k in ('gate_logits', 'head_assign', 'bn1', 'bn3'))
 
 
+@pytest.mark.slow
 def test_swin_search_moves_toward_target_and_exports(image_folder, tmp_path):
     import json
     from spvit.search import main as search_main
-    from conftest import SEARCH_DATA
+    from helpers import SEARCH_DATA
     out = tmp_path / 'run'
     search_main(['--model', NAME, '--model-kwargs', 'img_size=32', 'patch_size=2', 'window_size=4', 'embed_dim=32',
                  'depths=[2,2]', 'num_heads=[2,4]', *SEARCH_DATA, '--data-dir', image_folder, '--output-dir', str(out),

@@ -1,9 +1,6 @@
 """tools/export.py, tools/flops.py and tools/benchmark.py as a user runs them (subprocesses)."""
 import json
-import os
 import re
-import subprocess
-import sys
 
 import pytest
 import timm
@@ -13,18 +10,8 @@ import spvit
 from spvit.checkpoint import atomic_save
 from spvit.flops import measure_flops
 
-from conftest import (SMALL, randomize_batchnorm, randomize_mixing, random_arch, search_payload, set_gates,
-                      supernet_and_original)
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def start(tool, *args):
-    # one thread each: several tools run at once here, and oversubscribed OpenMP threads crawl
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get('PYTHONPATH', ''), OMP_NUM_THREADS='1')
-    return subprocess.Popen([sys.executable, os.path.join('tools', tool), *map(str, args)], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
+from helpers import (SMALL, randomize_batchnorm, randomize_mixing, random_arch, search_payload, set_gates, start,
+                     supernet_and_original)
 
 def tool(name, *args):
     proc = start(name, *args)
@@ -55,6 +42,7 @@ def files(tmp_path_factory):
     return dict(tmp=tmp, supernet=supernet.eval(), arch=arch, search=search, arch_file=arch_file, pruned=pruned)
 
 
+@pytest.mark.slow
 def test_export_from_search(files):
     model = spvit.load_pruned(str(files['pruned']))
     x = torch.randn(2, 3, 32, 32)
@@ -67,6 +55,7 @@ def test_export_from_search(files):
         assert spvit.read_pruned(str(path)).classes == [f'n0{i:07d}' for i in range(10)]
 
 
+@pytest.mark.slow
 def test_flops_json(files):
     report = json.loads(tool('flops.py', '--pruned', files['pruned'], '--compare', '--json'))
     model = spvit.load_pruned(str(files['pruned']))
@@ -81,6 +70,7 @@ def test_flops_json(files):
     assert [b['attn_flops'] for b in report['blocks']] == [by_module[f'blocks.{i}.attn'] for i in range(4)]
 
 
+@pytest.mark.slow
 def test_flops_table(files):
     out = tool('flops.py', '--arch', files['arch_file'], '--compare')
     rows = [line.split() for line in out.splitlines() if re.match(r'\s+\d+\s', line)]
@@ -91,6 +81,7 @@ def test_flops_table(files):
     assert re.search(r'original: [\d.]+ GFLOPs, [\d.]+ M params; reduction [\d.]+% FLOPs', out)
 
 
+@pytest.mark.slow
 def test_benchmark(files):
     out = tool('benchmark.py', '--pruned', files['pruned'], '--batch-sizes', 1, 2, '--runs', 2, '--warmup', 1,
                '--threads', 1, '--device', 'cpu')
@@ -104,6 +95,7 @@ def test_benchmark(files):
     assert f'FLOPs ratio exported/original: {measured / original:.3f}' in out
 
 
+@pytest.mark.slow
 def test_bad_input(files):
     """One line on stderr, exit code 2, no traceback, nothing written or overwritten."""
     tmp = files['tmp']

@@ -10,8 +10,7 @@ from spvit.errors import SpvitError
 from spvit.finetune import main as finetune_main
 from spvit.search import main as search_main
 
-from test_search import args
-from test_tools import start
+from helpers import args, start
 
 BAD_FLAGS = [
     (['--log-every', '0'], '--log-every must be at least 1, got 0'),
@@ -62,6 +61,7 @@ def test_search_refuses_bad_values_before_writing(image_folder, tmp_path, flags,
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_bad_values_of_the_other_tools(image_folder, tmp_path, pretrained):
     """Fine-tune and eval read the same fields; benchmark and flops check their own flags."""
     with pytest.raises(SpvitError, match='--distill-alpha must be in'):
@@ -102,6 +102,7 @@ def test_a_failed_write_is_one_line(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_a_class_of_unreadable_images_is_one_error_line(image_folder, tmp_path):
     """timm skips a few unreadable files (a warning each), then gives up: the run ends with one
     error line and exit 2, not a data worker's traceback."""
@@ -129,6 +130,7 @@ def png_header(width, height):
     return b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', struct.pack('>IIBBBBB', width, height, 8, 2, 0, 0, 0)) + chunk(b'IEND', b'')
 
 
+@pytest.mark.slow
 def test_a_decompression_bomb_is_one_error_line(image_folder, tmp_path):
     import shutil
     from test_search import tool

@@ -1,0 +1,158 @@
+"""What several test modules share: small models and supernets, gate set-ups, a reference conv, and
+running the tools as a user does (pytest fixtures stay in conftest.py)."""
+import copy
+import os
+import subprocess
+import sys
+
+import timm
+import torch
+import torch.nn.functional as F
+
+import spvit
+from spvit.checkpoint import SEARCH_FORMAT, supernet_record
+from spvit.mixing import OFFSETS
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+def build(name, **kwargs):
+    torch.manual_seed(0)
+    model = timm.create_model(name, **kwargs)
+    return model.eval()
+
+
+def supernet_and_original(name, theta0=1.5, alpha=0.01, **kwargs):
+    """A timm model with random but fixed weights, its untouched copy, and the supernet made from it."""
+    model = build(name, **kwargs)
+    original = copy.deepcopy(model)
+    return spvit.attach_search_space(model, theta0=theta0, alpha=alpha, model_name=name, model_kwargs=kwargs), original
+
+
+SEARCH_MODEL = ['--model', 'vit_tiny_patch16_224', '--model-kwargs', 'img_size=32', 'patch_size=4', 'embed_dim=64',
+                'depth=4', 'num_heads=4']
+SEARCH_DATA = ['--mean', '0.5', '0.5', '0.5', '--std', '0.5', '0.5', '0.5', '--crop-pct', '1.0', '--workers', '0']
+
+
+# A small ViT that keeps tests fast: 8x8 patch grid, 4 heads, 4 blocks.
+SMALL = dict(img_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=4, num_classes=10)
+
+
+def randomize_batchnorm(supernet, seed=0):
+    """Give the conv branches' BatchNorms non-trivial eval statistics and affine parameters."""
+    g = torch.Generator().manual_seed(seed)
+    for slot in supernet.attn_slots:
+        for bn in (slot.bn1, slot.bn3):
+            bn.running_mean.copy_(torch.randn(bn.num_features, generator=g) * 0.1)
+            bn.running_var.copy_(torch.rand(bn.num_features, generator=g) + 0.5)
+            bn.weight.data.copy_(torch.rand(bn.num_features, generator=g) + 0.5)
+            bn.bias.data.copy_(torch.randn(bn.num_features, generator=g) * 0.1)
+
+
+def random_arch(supernet, seed, heads=False):
+    """A random architecture using all four ops, and random kept units (and, with ``heads``, a
+    random proper subset of heads in every msa block)."""
+    g = torch.Generator().manual_seed(seed)
+    n = len(supernet.block_dims)
+    ops = [spvit.ATTN_OPS[i % 4] for i in torch.randperm(n, generator=g).tolist()]
+    blocks, kept = [], []
+    for op, dims in zip(ops, supernet.block_dims):
+        width = int(torch.randint(1, dims.hidden + 1, (1,), generator=g))
+        kept_heads = None
+        if heads and op == 'msa':
+            count = int(torch.randint(1, dims.heads, (1,), generator=g))
+            kept_heads = torch.randperm(dims.heads, generator=g)[:count].tolist()
+        blocks.append(spvit.BlockArch(op, width, kept_heads))
+        kept.append(torch.randperm(dims.hidden, generator=g)[:width].sort().values)
+    arch = spvit.Architecture(model=supernet.model_name, model_kwargs=supernet.model_kwargs, blocks=blocks)
+    return arch, kept
+
+
+def set_gates(supernet, arch, kept):
+    """Gate logits whose deterministic gates select ``arch`` and ``kept`` (what a search ends with)."""
+    for b, a, m, idx in zip(arch.blocks, supernet.attn_slots, supernet.mlp_slots, kept):
+        n_open = spvit.ATTN_OPS.index(b.attn)
+        a.gate_logits.data = torch.tensor([1. if i < n_open else -1. for i in range(3)])
+        m.gate_logits.data = -torch.ones(m.hidden_features)
+        m.gate_logits.data[idx] = 1.
+
+
+def randomize_mixing(supernet, seed=0, std=0.02):
+    """Non-uniform head mixing at alpha=0.01, and value biases that exercise the conv padding."""
+    g = torch.Generator().manual_seed(seed)
+    for slot in supernet.attn_slots:
+        slot.head_assign.data = torch.randn(slot.head_assign.shape, generator=g) * std
+        slot.qkv.bias.data = torch.randn(slot.qkv.bias.shape, generator=g) * 0.1
+
+
+def search_payload(supernet, data_config=None):
+    """A search checkpoint of a supernet at the end of its search (as tools/search.py writes it)."""
+    return {'format': SEARCH_FORMAT, 'version': 1, 'supernet': supernet_record(supernet),
+            'arch': supernet.architecture().to_dict(), 'kept': supernet.kept_units(),
+            'data_config': data_config or {'input_size': [3, 32, 32], 'mean': [0.5] * 3, 'std': [0.5] * 3,
+                                           'interpolation': 'bicubic', 'crop_pct': 0.875},
+            'source': {'pretrained': True, 'checkpoint': None}, 'target_gflops': 0.01,
+            'achieved_gflops': supernet.arch_flops(supernet.architecture()) / 1e9,
+            'original_gflops': supernet.original_flops / 1e9, 'optimizer': {},
+            'classes': [f'n0{i:07d}' for i in range(supernet.model.num_classes)]}
+
+
+def conv_slot(supernet, logits, seed=1):
+    """Block 1's attention slot in eval mode with non-trivial BatchNorm, non-uniform head mixing at
+    alpha=0.01, random value biases (they exercise the conv padding) and the given gate logits."""
+    randomize_batchnorm(supernet)
+    supernet.eval()
+    slot = supernet.attn_slots[1]
+    g = torch.Generator().manual_seed(seed)
+    slot.head_assign.data = torch.randn(slot.head_assign.shape, generator=g) * 0.02
+    slot.qkv.bias.data = torch.randn(slot.qkv.bias.shape, generator=g)
+    slot.gate_logits.data = torch.tensor(logits)
+    return slot
+
+
+def reference_conv(slot, x, op):
+    """The conv ops written straight from the method doc, with conv2d on the mixed kernels."""
+    heads, hd = slot.num_heads, slot.head_dim
+    d = x.shape[-1]
+    H, W = slot.grid_size
+    npt = slot.num_prefix_tokens
+    P = torch.softmax(slot.head_assign / slot.alpha, dim=0)
+    Wv, bv = slot.qkv.weight[2 * d:], slot.qkv.bias[2 * d:]
+    Wo, bo = slot.proj.weight, slot.proj.bias
+    K = [sum(P[h, k] * Wv[h * hd:(h + 1) * hd] for h in range(heads)) for k in range(9)]
+    b = [sum(P[h, k] * bv[h * hd:(h + 1) * hd] for h in range(heads)) for k in range(9)]
+    O = [sum(P[h, k] * Wo[:, h * hd:(h + 1) * hd] for h in range(heads)) for k in range(9)]
+    img = x[:, npt:].transpose(1, 2).reshape(x.shape[0], d, H, W)
+    if op == 'conv1x1':
+        weight, bias, out_w, bn = K[4][:, :, None, None], b[4], O[4], slot.bn1
+        z = F.conv2d(img, weight, bias)
+    else:
+        weight = torch.zeros(hd, d, 3, 3)
+        for k, (dy, dx) in enumerate(OFFSETS):
+            weight[:, :, dy + 1, dx + 1] = K[k]
+        bias, out_w, bn = sum(b), sum(O), slot.bn3
+        z = F.conv2d(img, weight, bias, padding=1)
+    z = (z - bn.running_mean[:, None, None]) / torch.sqrt(bn.running_var[:, None, None] + bn.eps)
+    z = torch.relu(z * bn.weight[:, None, None] + bn.bias[:, None, None])
+    out = torch.einsum('bchw,dc->bhwd', z, out_w).reshape(x.shape[0], H * W, d) + bo
+    return torch.cat([torch.zeros(x.shape[0], npt, d), out], dim=1)
+
+
+def args(data, out, *extra):
+    return [*SEARCH_MODEL, *SEARCH_DATA, '--data-dir', data, '--output-dir', str(out), '--batch-size', '16', *extra]
+
+
+def tool(name, argv, **kw):
+    env = {**os.environ, 'PYTHONPATH': REPO}
+    return subprocess.run([sys.executable, os.path.join(REPO, 'tools', name), *argv], capture_output=True, text=True,
+                          env=env, cwd=REPO, **kw)
+
+
+def load(path):
+    return torch.load(path, map_location='cpu', weights_only=True)
+
+
+def start(tool, *args):
+    # one thread each: several tools run at once here, and oversubscribed OpenMP threads crawl
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get('PYTHONPATH', ''), OMP_NUM_THREADS='1')
+    return subprocess.Popen([sys.executable, os.path.join('tools', tool), *map(str, args)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
