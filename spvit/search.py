@@ -10,7 +10,7 @@ import copy
 import os
 import sys
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from timm.optim import create_optimizer_v2
@@ -74,10 +74,12 @@ class SearchConfig(ModelOptions, DataOptions, TrainOptions, DistillOptions):
     gate_update: str = field('per-flop', 'per-flop: momentum SGD on gate gradients divided by their FLOPs and one '
                              'running RMS, so steps follow each gate\'s gradient; adamw: AdamW per gate (the paper)',
                              choices=('per-flop', 'adamw'))
-    gate_noise: str = field('none', 'sampling noise of the gates in training: none (the forward is the thresholded '
-                            'logits, the architecture export builds, from the first step; the gradient stays relaxed), '
-                            'anneal (its scale falls to 0 over the target ramp), sampled (the paper: relaxed Bernoulli '
-                            'throughout)', choices=('none', 'anneal', 'sampled'))
+    gate_noise: str = field('ops', 'sampling noise of the gates in training: ops (MLP units and heads none: the forward '
+                            'uses their thresholded logits, the architecture export builds, and only the gradient is '
+                            'relaxed; the attention op gates sample with a noise that falls to 0 over the target ramp, '
+                            'so a conv op trains before its block switches to it), none (no noise at all), anneal '
+                            '(every gate as the op gates of ops), sampled (the paper: relaxed Bernoulli throughout)',
+                            choices=('ops', 'none', 'anneal', 'sampled'))
     ops_after_ramp: str = field('free', 'once the target is reached, free: a block\'s attention op may move both '
                                 'ways (the paper); down: it may still fall (msa > conv3x3 > conv1x1 > skip) but never '
                                 'rise again, so an undershoot is refilled by MLP units instead of a whole msa',
@@ -238,15 +240,17 @@ class SearchTrainer(Trainer):
     def resolved_config(self) -> Dict[str, Any]:
         return {**super().resolved_config(), 'arch_lr': self.arch_lr, 'target_gflops': self.target, 'target_ratio': None}
 
-    def gate_noise(self, step: int) -> float:
+    def gate_noise(self, step: int) -> Tuple[float, float]:
+        """The noise scales (MLP units and heads, attention op gates) at ``step``."""
         mode = self.cfg.gate_noise
-        if mode == 'anneal':
-            span = self.schedule.ramp_steps or self.total_steps
-            return max(0.0, 1.0 - step / span)
-        return 1.0 if mode == 'sampled' else 0.0
+        if mode == 'sampled':
+            return 1.0, 1.0
+        span = self.schedule.ramp_steps or self.total_steps
+        annealed = max(0.0, 1.0 - step / span)
+        return {'anneal': (annealed, annealed), 'ops': (0.0, annealed)}.get(mode, (0.0, 0.0))
 
     def compute_loss(self, x, y):
-        self.supernet.set_gate_noise(self.gate_noise(self.global_step))
+        self.supernet.set_gate_noise(*self.gate_noise(self.global_step))
         with autocast(self.device, self.cfg.amp):
             if self.task is None:
                 task = self.criterion(self.net(x), y)
