@@ -10,7 +10,7 @@ import copy
 import os
 import sys
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 from timm.optim import create_optimizer_v2
@@ -74,12 +74,12 @@ class SearchConfig(ModelOptions, DataOptions, TrainOptions, DistillOptions):
     gate_update: str = field('per-flop', 'per-flop: momentum SGD on gate gradients divided by their FLOPs and one '
                              'running RMS, so steps follow each gate\'s gradient; adamw: AdamW per gate (the paper)',
                              choices=('per-flop', 'adamw'))
-    gate_noise: str = field('ops', 'sampling noise of the gates in training: ops (MLP units and heads none: the forward '
-                            'uses their thresholded logits, the architecture export builds, and only the gradient is '
-                            'relaxed; the attention op gates sample with a noise that falls to 0 over the target ramp, '
-                            'so a conv op trains before its block switches to it), none (no noise at all), anneal '
-                            '(every gate as the op gates of ops), sampled (the paper: relaxed Bernoulli throughout)',
-                            choices=('ops', 'none', 'anneal', 'sampled'))
+    gate_noise: str = field('auto', 'sampling noise of the gates in training: none (the forward is the thresholded '
+                            'logits, the architecture export builds, from the first step; the gradient stays relaxed), '
+                            'anneal (its scale falls to 0 over the target ramp, so conv ops train before a block '
+                            'switches to them), sampled (the paper: relaxed Bernoulli throughout), auto (none when the '
+                            'budget leaves room for msa with every head in every block, else anneal)',
+                            choices=('auto', 'none', 'anneal', 'sampled'))
     ops_after_ramp: str = field('free', 'once the target is reached, free: a block\'s attention op may move both '
                                 'ways (the paper); down: it may still fall (msa > conv3x3 > conv1x1 > skip) but never '
                                 'rise again, so an undershoot is refilled by MLP units instead of a whole msa',
@@ -110,6 +110,16 @@ def resolve_target(cfg: SearchConfig, supernet: SuperNet) -> float:
         raise ConfigError(f'target {target:.4f} GFLOPs is below the smallest reachable {smallest:.4f} GFLOPs '
                           f'in the {cfg.search_space} search space ({cheapest})')
     return target
+
+
+def resolve_gate_noise(mode: str, supernet: SuperNet, target_gflops: float) -> str:
+    """``auto`` -> ``none`` where the budget can be met with every block msa (all heads, one unit
+    per MLP), so no op has to change; ``anneal`` below that, where blocks must switch to conv ops
+    and the sampling trains a conv op before its block switches to it."""
+    if mode != 'auto':
+        return mode
+    all_msa = supernet.arch_flops(supernet.uniform_arch('msa', 1)) / 1e9
+    return 'none' if target_gflops >= all_msa else 'anneal'
 
 
 def importance_spread(theta0: float) -> float:
@@ -193,6 +203,7 @@ class SearchTrainer(Trainer):
                                     if cfg.budget_integral > 0 else 0.0)
             self.gate_step = PerFlopGateStep(self.supernet.gate_costs())
         self.settle_from = int(round((1 - cfg.settle_fraction) * self.total_steps))
+        self.noise_mode = resolve_gate_noise(cfg.gate_noise, self.supernet, self.target)
         self.landed = 0
         self.op_ceiling: Optional[torch.Tensor] = None     # highest op per block once the target is reached
         reach = PER_FLOP_REACH if cfg.gate_update == 'per-flop' else ARCH_LR_REACH
@@ -235,22 +246,21 @@ class SearchTrainer(Trainer):
     def banner(self) -> str:
         ramp = f', target ramp over {self.schedule.ramp_steps:.0f} steps' if self.schedule.ramp_steps else ''
         return (f', arch lr {self.arch_lr:.3g}; original {self.supernet.original_flops / 1e9:.4f} GFLOPs, '
-                f'target {self.target:.4f}{ramp}; gates start {self.cfg.gate_init}, update {self.cfg.gate_update}')
+                f'target {self.target:.4f}{ramp}; gates start {self.cfg.gate_init}, update {self.cfg.gate_update}, '
+                f'noise {self.noise_mode}{" (auto)" if self.cfg.gate_noise == "auto" else ""}')
 
     def resolved_config(self) -> Dict[str, Any]:
         return {**super().resolved_config(), 'arch_lr': self.arch_lr, 'target_gflops': self.target, 'target_ratio': None}
 
-    def gate_noise(self, step: int) -> Tuple[float, float]:
-        """The noise scales (MLP units and heads, attention op gates) at ``step``."""
-        mode = self.cfg.gate_noise
-        if mode == 'sampled':
-            return 1.0, 1.0
-        span = self.schedule.ramp_steps or self.total_steps
-        annealed = max(0.0, 1.0 - step / span)
-        return {'anneal': (annealed, annealed), 'ops': (0.0, annealed)}.get(mode, (0.0, 0.0))
+    def gate_noise(self, step: int) -> float:
+        mode = self.noise_mode
+        if mode == 'anneal':
+            span = self.schedule.ramp_steps or self.total_steps
+            return max(0.0, 1.0 - step / span)
+        return 1.0 if mode == 'sampled' else 0.0
 
     def compute_loss(self, x, y):
-        self.supernet.set_gate_noise(*self.gate_noise(self.global_step))
+        self.supernet.set_gate_noise(self.gate_noise(self.global_step))
         with autocast(self.device, self.cfg.amp):
             if self.task is None:
                 task = self.criterion(self.net(x), y)

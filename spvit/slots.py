@@ -56,8 +56,7 @@ class AttentionSlot(nn.Module):
         self.pinned_op: Optional[str] = None
         self.pinned_heads: Optional[torch.Tensor] = None     # msa: indices of the kept heads (None: all)
         self.gate_values: Optional[torch.Tensor] = None   # used instead of the logits' gates (importance scores)
-        self.gate_noise = 1.0     # scale of the heads' sampling noise in training (see sample_gates)
-        self.op_noise = 1.0       # the same for the three op gates
+        self.gate_noise = 1.0     # scale of the sampling noise in training (see sample_gates)
 
     def extra_repr(self) -> str:
         return (f'heads={self.num_heads}, grid={self.grid_size}, alpha={self.alpha}, head_gates='
@@ -130,7 +129,7 @@ class AttentionSlot(nn.Module):
         if not self.op_gates:                 # a space without conv ops: msa in every block
             return self.proj_drop(self.proj(a))
         gates = self.gate_values if self.gate_values is not None else attention_gates(self.gate_logits, self.training,
-                                                                                      self.op_noise)
+                                                                                      self.gate_noise)
         c_msa, c3, c1 = attention_coefficients(gates).unbind(0)
 
         # O_k = sum_h P[h,k] W_o^h, so a conv output O z is the MSA projection of z placed in

@@ -229,12 +229,11 @@ class SuperNet(nn.Module):
             params.append(m.gate_logits)
         return params
 
-    def set_gate_noise(self, scale: float, op_scale: Optional[float] = None) -> None:
-        """Scale of the gates' sampling noise in training (1: the paper's relaxed Bernoulli, 0: none):
-        ``scale`` for MLP units and heads, ``op_scale`` (default: the same) for the attention op gates."""
-        for attn, mlp in self._slots:
-            attn.gate_noise = mlp.gate_noise = float(scale)
-            attn.op_noise = float(scale if op_scale is None else op_scale)
+    def set_gate_noise(self, scale: float) -> None:
+        """Scale of the gates' sampling noise in training (1: the paper's relaxed Bernoulli, 0: none)."""
+        for pair in self._slots:
+            for s in pair:
+                s.gate_noise = float(scale)
 
     def gate_costs(self) -> List[torch.Tensor]:
         """For each tensor of ``gate_parameters()``: the share of the original FLOPs each of its gates

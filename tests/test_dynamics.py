@@ -213,9 +213,9 @@ def test_landing_flips_the_units_nearest_their_threshold(small_supernet):
 def test_gate_noise_scales_the_sampling_and_zero_forwards_the_eval_gates():
     """Noise 1 is the paper's relaxed Bernoulli (a gate is on with probability sigmoid(logit));
     noise 0 forwards exactly the eval gates and keeps the sigmoid's gradient; anneal falls to 0
-    over the target ramp; ops anneals the op gates' noise only."""
+    over the target ramp."""
     from spvit.gates import sample_gates
-    from spvit.search import SearchConfig, SearchTrainer
+    from spvit.search import SearchTrainer
     logits = torch.tensor([-2.0, -0.5, 0.5, 2.0]).repeat(20000, 1)
     torch.manual_seed(0)
     on = sample_gates(logits, training=True).mean(0)
@@ -228,30 +228,19 @@ def test_gate_noise_scales_the_sampling_and_zero_forwards_the_eval_gates():
     g.sum().backward()
     assert torch.allclose(x.grad, torch.sigmoid(x) * (1 - torch.sigmoid(x)))
 
-    class Ramp:                  # the two attributes gate_noise reads
+    class Ramp:                  # the attributes gate_noise reads
         schedule = BudgetSchedule(1.0, 0.5, total_steps=100, ramp=0.5)
         total_steps = 100
-    for mode, units, ops in (('sampled', [1, 1, 1], [1, 1, 1]), ('none', [0, 0, 0], [0, 0, 0]),
-                             ('anneal', [1, 0.5, 0], [1, 0.5, 0]), ('ops', [0, 0, 0], [1, 0.5, 0])):
-        Ramp.cfg = SearchConfig(gate_noise=mode)
-        scales = [SearchTrainer.gate_noise(Ramp, s) for s in (0, 25, 60)]
-        assert [u for u, _ in scales] == pytest.approx(units) and [o for _, o in scales] == pytest.approx(ops)
+    for mode, expected in (('sampled', [1, 1, 1]), ('none', [0, 0, 0]), ('anneal', [1, 0.5, 0])):
+        Ramp.noise_mode = mode
+        assert [SearchTrainer.gate_noise(Ramp, s) for s in (0, 25, 60)] == pytest.approx(expected)
 
 
-def test_ops_noise_samples_the_op_gates_only():
-    """--gate-noise ops: the MLP units forward their thresholded logits, the op gates still sample."""
+def test_auto_gate_noise_samples_only_where_ops_must_change():
+    """auto: no noise while msa in every block (one unit per MLP) fits the budget, anneal below it."""
+    from spvit.search import resolve_gate_noise
     supernet, _ = supernet_and_original('vit_tiny_patch16_224', **SMALL)
-    supernet.train()
-    supernet.set_gate_noise(0.0, 1.0)
-    mlp, attn = supernet.mlp_slots[0], supernet.attn_slots[0]
-    mlp.gate_logits.data = torch.linspace(-1, 1, mlp.hidden_features)
-    attn.gate_logits.data = torch.tensor([0.1, 0.1, 0.1])
-    x = torch.randn(2, 65, 64)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        units = [mlp(x) for _ in range(8)]
-        ops = [attn(x) for _ in range(8)]
-        mlp.eval()
-        assert torch.equal(units[0], mlp(x))
-    assert all(torch.equal(units[0], u) for u in units)
-    assert not all(torch.allclose(ops[0], o) for o in ops)
+    floor = supernet.arch_flops(supernet.uniform_arch('msa', 1)) / 1e9
+    assert resolve_gate_noise('auto', supernet, floor) == 'none'
+    assert resolve_gate_noise('auto', supernet, floor * 0.99) == 'anneal'
+    assert resolve_gate_noise('sampled', supernet, floor) == 'sampled'
