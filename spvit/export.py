@@ -7,7 +7,7 @@ computed from the supernet, so an export and a reload can never differ in struct
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -17,31 +17,12 @@ from .arch import Architecture
 from .checkpoint import SEARCH_FORMAT, load_file, supernet_from_record
 from .errors import ArchitectureError, CheckpointError
 from .hybrid import check_token_path, hybridize, mlp_widths
-from .mixing import CENTER, conv3x3_weight, head_mixing, mix_output, mix_value
 from .models import create_model
 from .pruned import PrunedModel, plain_data_config
 from .slots import AttentionSlot, MlpSlot
 from .supernet import SuperNet, attach_search_space
 
 Tensor = torch.Tensor
-# (kernels (9, hd, d), biases (9, hd) or None, output matrices (9, d, hd)) -> conv weight, bias, output weight
-ConvParts = Callable[[Tensor, Optional[Tensor], Tensor], Tuple[Tensor, Optional[Tensor], Tensor]]
-
-
-def _conv1x1_parts(kernels: Tensor, biases: Optional[Tensor], out_w: Tensor):
-    return kernels[CENTER][:, :, None, None], None if biases is None else biases[CENTER], out_w[CENTER]
-
-
-def _conv3x3_parts(kernels: Tensor, biases: Optional[Tensor], out_w: Tensor):
-    return conv3x3_weight(kernels), None if biases is None else biases.sum(0), out_w.sum(0)
-
-
-# conv op -> how its kernel and output matrix come from the mixed heads, and which BatchNorm follows it
-CONV_OPS: Dict[str, Tuple[ConvParts, str]] = {
-    'conv1x1': (_conv1x1_parts, 'bn1'),
-    'conv3x3': (_conv3x3_parts, 'bn3'),
-}
-
 
 SEARCH_ONLY = ('head_assign', 'gate_logits', 'head_logits', 'bn1.', 'bn3.')
 
@@ -62,19 +43,14 @@ def _msa_state(slot: AttentionSlot) -> Dict[str, Tensor]:
 
 
 def _conv_state(op: str, slot: AttentionSlot) -> Dict[str, Tensor]:
-    """Conv weight/bias with the BatchNorm folded in, and the output projection, of a conv op.
-    Computed in float64 so the fold adds no rounding of its own."""
-    parts, bn_name = CONV_OPS[op]
-    bn = getattr(slot, bn_name)
+    """Conv weight/bias with the BatchNorm folded in, and the output projection, of a conv op: the
+    pinned forward's own weights (``AttentionSlot.conv_weights``), in float64 so the fold adds no
+    rounding of its own."""
     f64 = {'dtype': torch.float64}
-    dim = slot.num_heads * slot.head_dim
-    w_v = slot.qkv.weight.detach()[2 * dim:].to(**f64)
-    b_v = None if slot.qkv.bias is None else slot.qkv.bias.detach()[2 * dim:].to(**f64)
-    mix = head_mixing(slot.head_assign.detach().to(**f64), slot.alpha)
-    kernels, biases = mix_value(w_v, b_v, mix)
-    weight, bias, out_w = parts(kernels, biases, mix_output(slot.proj.weight.detach().to(**f64), mix))
-    weight, bias = fuse_conv_bn_weights(weight, bias, bn.running_mean.to(**f64), bn.running_var.to(**f64), bn.eps,
-                                        bn.weight.detach().to(**f64), bn.bias.detach().to(**f64))
+    with torch.no_grad():
+        weight, bias, out_w, bn = slot.conv_weights(op, torch.float64)
+        weight, bias = fuse_conv_bn_weights(weight, bias, bn.running_mean.to(**f64), bn.running_var.to(**f64), bn.eps,
+                                            bn.weight.to(**f64), bn.bias.to(**f64))
     dtype = slot.qkv.weight.dtype
     state = {'conv.weight': weight.detach().to(dtype), 'conv.bias': bias.detach().to(dtype), 'proj.weight': out_w.to(dtype)}
     if slot.proj.bias is not None:
@@ -204,5 +180,5 @@ def export_search(path: str) -> PrunedModel:
     return exported
 
 
-__all__ = ['CONV_OPS', 'ATTENTION_EXPORTERS', 'hybrid_state_dict', 'to_hybrid', 'export_supernet', 'build_from_arch',
+__all__ = ['ATTENTION_EXPORTERS', 'hybrid_state_dict', 'to_hybrid', 'export_supernet', 'build_from_arch',
            'export_search']

@@ -164,6 +164,23 @@ class AttentionSlot(nn.Module):
             z3 = z3 + border_bias(mix.t() @ b_v, self.border)
         return self._norm_act(z3.reshape(B, P, hd), self.bn3), self._norm_act(vm[:, :, CENTER].contiguous(), self.bn1)
 
+    def conv_weights(self, op: str, dtype: Optional[torch.dtype] = None
+                     ) -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor, nn.BatchNorm1d]:
+        """A conv op as a plain conv: its conv2d weight (hd, d, k, k) and bias from the mixed value
+        heads, its output projection (d, hd) from the mixed output heads, and the BatchNorm after it.
+        The pinned forward runs these and export folds the BatchNorm into them (in ``dtype``), so
+        the two cannot differ."""
+        def cast(t: torch.Tensor) -> torch.Tensor:
+            return t if dtype is None else t.to(dtype)
+        dim = self.num_heads * self.head_dim
+        mix = head_mixing(cast(self.head_assign), self.alpha)
+        kernels, biases = mix_value(cast(self.qkv.weight[2 * dim:]),
+                                    None if self.qkv.bias is None else cast(self.qkv.bias[2 * dim:]), mix)
+        out_w = mix_output(cast(self.proj.weight), mix)
+        if op == 'conv1x1':
+            return kernels[CENTER][:, :, None, None], None if biases is None else biases[CENTER], out_w[CENTER], self.bn1
+        return conv3x3_weight(kernels), None if biases is None else biases.sum(0), out_w.sum(0), self.bn3
+
     def _forward_pinned(self, x, attn_mask, is_causal) -> torch.Tensor:
         op = self.pinned_op
         B, N, C = x.shape
@@ -180,21 +197,15 @@ class AttentionSlot(nn.Module):
             q, k, v = qkv.reshape(B, N, 3, len(heads), self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
             a = self._attend(q, k, v, attn_mask, is_causal, heads)
             return self.proj_drop(F.linear(a, self.proj.weight[:, cols], self.proj.bias))
-        mix = self.mixing()
-        hd = self.head_dim
-        w_v = self.qkv.weight[2 * self.num_heads * hd:]
-        b_v = None if self.qkv.bias is None else self.qkv.bias[2 * self.num_heads * hd:]
-        kernels, biases = mix_value(w_v, b_v, mix)
-        out_w = mix_output(self.proj.weight, mix)
+        weight, bias, w_o, bn = self.conv_weights(op)
         xp = x[:, self.num_prefix_tokens:]
         if op == 'conv1x1':
-            z = F.linear(xp, kernels[CENTER], None if biases is None else biases[CENTER])
-            z, w_o = self._norm_act(z, self.bn1), out_w[CENTER]
+            z = F.linear(xp, weight[:, :, 0, 0], bias)
         else:
             H, W = self.grid_size
             img = xp.transpose(1, 2).reshape(B, C, H, W)
-            z = F.conv2d(img, conv3x3_weight(kernels), None if biases is None else biases.sum(0), padding=1)
-            z, w_o = self._norm_act(z.flatten(2).transpose(1, 2), self.bn3), out_w.sum(0)
+            z = F.conv2d(img, weight, bias, padding=1).flatten(2).transpose(1, 2)
+        z = self._norm_act(z, bn)
         return self.proj_drop(self._prefix_zero(F.linear(z, w_o, self.proj.bias)))
 
 
