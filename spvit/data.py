@@ -212,8 +212,14 @@ def readable(loader: DataLoader) -> Iterator[Any]:
         except (RuntimeError, OSError, Image.DecompressionBombError) as e:
             lines = [line for line in str(e).splitlines() if line.strip()]
             hint = ' (the warnings above name the files)' if 'consecutive samples' in str(e) else ''
-            raise DataError(f'cannot read the images: {lines[-1] if lines else repr(e)}{hint}') from None
-        yield batch
+            error = f'cannot read the images: {lines[-1] if lines else repr(e)}{hint}'
+            e.__traceback__ = None  # its frames hold the iterator in a reference cycle
+        else:
+            yield batch
+            continue
+        # Dropping the iterator stops its workers now: the warnings they still print come before the error.
+        del batches
+        raise DataError(error)
 
 
 def train_loader(dataset, batch_size: int, workers: int, sampler: ResumableSampler, seed: int) -> DataLoader:

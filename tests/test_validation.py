@@ -117,7 +117,10 @@ def test_a_class_of_unreadable_images_is_one_error_line(image_folder, tmp_path):
     lines = r.stderr.strip().splitlines()
     errors = [line for line in lines if 'error' in line.lower()]
     assert len(errors) == 1 and errors[0].startswith('search.py: error: cannot read the images'), lines[-5:]
-    assert all(line.startswith('Skipped sample') for line in lines if line not in errors and 'search' not in line[:12])
+    assert lines[-1] == errors[0], lines[-5:]
+    assert any(line.startswith('Skipped sample') and '/class_03/' in line for line in lines), lines[:5]
+    worker_trace = [line for line in lines if line.lstrip().startswith(('File "', 'Caught ', 'Original Traceback'))]
+    assert not worker_trace, worker_trace
 
 
 def png_header(width, height):
