@@ -13,7 +13,7 @@ from spvit import Architecture, ArchitectureError, BlockArch
 from spvit.checkpoint import supernet_from_record, supernet_record
 from spvit.importance import gate_fisher, init_from_importance
 
-from helpers import SMALL, build, randomize_batchnorm, random_arch, set_gates
+from helpers import SMALL, args, build, load, randomize_batchnorm, random_arch, set_gates
 
 
 def head_supernet(space='full', name='vit_tiny_patch16_224', **kwargs):
@@ -160,7 +160,6 @@ def test_search_with_head_gates_lands_and_exports(image_folder, pretrained, tmp_
     from spvit.export import export_search
     from spvit.flops import measure_flops
     from spvit.search import main as search_main
-    from test_search import args, load
     out = tmp_path / space
     search_main(args(image_folder, out, '--checkpoint', pretrained, '--target-ratio', '0.3', '--epochs', '4',
                      '--search-space', space))

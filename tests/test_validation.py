@@ -10,7 +10,7 @@ from spvit.errors import SpvitError
 from spvit.finetune import main as finetune_main
 from spvit.search import main as search_main
 
-from helpers import args, start
+from helpers import args, start, tool
 
 BAD_FLAGS = [
     (['--log-every', '0'], '--log-every must be at least 1, got 0'),
@@ -107,7 +107,6 @@ def test_a_class_of_unreadable_images_is_one_error_line(image_folder, tmp_path):
     """timm skips a few unreadable files (a warning each), then gives up: the run ends with one
     error line and exit 2, not a data worker's traceback."""
     import shutil
-    from test_search import tool
     data = tmp_path / 'data'
     shutil.copytree(image_folder, data)
     for f in (data / 'train' / 'class_03').iterdir():
@@ -136,7 +135,6 @@ def png_header(width, height):
 @pytest.mark.slow
 def test_a_decompression_bomb_is_one_error_line(image_folder, tmp_path):
     import shutil
-    from test_search import tool
     data = tmp_path / 'data'
     shutil.copytree(image_folder, data)
     (data / 'train' / 'class_00' / '0000.png').write_bytes(png_header(20000, 20000))
