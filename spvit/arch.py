@@ -6,12 +6,12 @@ reads, edits and hands to ``tools/export.py`` or ``tools/flops.py``.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
+from .checkpoint import atomic_write_text
 from .errors import ArchitectureError
 
 # Cheapest first; the index of an op is the number of open cumulative gates.
@@ -92,10 +92,7 @@ class Architecture:
         """Write YAML (or JSON for a ``.json`` path) atomically."""
         data = self.to_dict()
         text = json.dumps(data, indent=2) if path.endswith('.json') else yaml.safe_dump(data, sort_keys=False)
-        tmp = f'{path}.tmp{os.getpid()}'
-        with open(tmp, 'w') as f:
-            f.write(text)
-        os.replace(tmp, path)
+        atomic_write_text(path, text)
 
     @classmethod
     def load(cls, path: str) -> 'Architecture':

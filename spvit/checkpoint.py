@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import torch
 
@@ -35,18 +35,30 @@ def check_new_files(outputs: Sequence[str], inputs: Sequence[Optional[str]], for
             raise CheckpointError(f'output exists: {path} (pass --force to overwrite it)')
 
 
-def atomic_save(obj: Any, path: str) -> None:
-    """torch.save to a temp file beside ``path``, then rename: a crash never leaves half a file."""
-    check_output_path(path)
+def atomic_write(path: str, write: Callable[[str], None]) -> None:
+    """``write(tmp)`` to a temp file beside ``path``, then rename: a crash never leaves half a file."""
     tmp = f'{path}.tmp{os.getpid()}'
     try:
-        torch.save(obj, tmp)
+        write(tmp)
         os.replace(tmp, path)
     except OSError as e:            # a full disk, a read-only mount, no permission
         raise CheckpointError(f'cannot write {path}: {e.strerror or e}') from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, 'w') as f:
+            f.write(text)
+    atomic_write(path, write)
+
+
+def atomic_save(obj: Any, path: str) -> None:
+    """torch.save, atomically."""
+    check_output_path(path)
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def load_file(path: str, expect_format: Optional[str] = None) -> Dict[str, Any]:

@@ -16,6 +16,7 @@ import sys
 import time
 from typing import Any, Dict, List, Optional
 
+from .checkpoint import atomic_write_text
 from .fashion_mnist import write_image_folder
 from .finetune import LAST as FINETUNE_LAST
 from .runtime import Interrupted, StopSignal, TrainingError
@@ -87,10 +88,7 @@ class StepState:
         self._write()
 
     def _write(self) -> None:
-        tmp = f'{self.path}.tmp{os.getpid()}'
-        with open(tmp, 'w') as f:
-            json.dump(self.state, f, indent=1)
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, json.dumps(self.state, indent=1))
 
     def _mark(self, name: str, command: str, done: bool) -> None:
         self.state['steps'][name] = {'command': command, 'done': done}

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 
 from .arch import Architecture
-from .checkpoint import atomic_save, load_file
+from .checkpoint import atomic_save, atomic_write, load_file
 from .errors import ArchitectureError, CheckpointError
 from .hybrid import hybridize
 from .models import create_model
@@ -87,13 +87,8 @@ def _save_safetensors(payload: Dict[str, Any], path: str) -> None:
     from safetensors.torch import save_file
     metadata = {'format': PRUNED_FORMAT, 'version': str(PRUNED_VERSION)}
     metadata.update({k: json.dumps(payload[k]) for k in _META_KEYS})
-    tmp = f'{path}.tmp{os.getpid()}'
-    try:
-        save_file({k: v.contiguous() for k, v in payload['state_dict'].items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in payload['state_dict'].items()}, tmp,
+                                            metadata=metadata))
 
 
 def _read_safetensors(path: str) -> Dict[str, Any]:

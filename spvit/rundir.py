@@ -10,6 +10,7 @@ import json
 import os
 from typing import IO, List, Optional, Tuple
 
+from .checkpoint import atomic_write_text
 from .config import ConfigError
 
 LOCK_NAME = '.lock'
@@ -74,9 +75,7 @@ def trim_log(path: str, last_step: int) -> None:
         lines = [line for line in f if line.strip()]
     kept = [line for line in lines if json.loads(line).get('step', 0) <= last_step]
     if len(kept) < len(lines):
-        with open(path + '.tmp', 'w') as f:
-            f.writelines(kept)
-        os.replace(path + '.tmp', path)
+        atomic_write_text(path, ''.join(kept))
 
 
 def remove_leftover_temps(directory: str, names: Tuple[str, ...]) -> None:

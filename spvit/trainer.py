@@ -21,7 +21,7 @@ from timm.scheduler import create_scheduler_v2
 from torch.nn.parallel import DistributedDataParallel
 
 from . import data as D
-from .checkpoint import atomic_save
+from .checkpoint import atomic_save, atomic_write_text
 from .config import ConfigError, given_keys, to_dict
 from .rundir import RunLock, check_fresh_output_dir, remove_leftover_temps, trim_log
 from .runtime import (Interrupted, JsonlLog, StopSignal, TrainingError, evaluate, grad_scaler, progress,
@@ -221,10 +221,7 @@ class Trainer:
 
     def write_text(self, name: str, text: str) -> None:
         if self.dist.main:
-            path = os.path.join(self.out, name)
-            with open(path + '.tmp', 'w') as f:
-                f.write(text)
-            os.replace(path + '.tmp', path)
+            atomic_write_text(os.path.join(self.out, name), text)
 
     # --- loop ---
 
