@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any, Callable, Optional, Sequence, Tuple, Type, TypeVar
 
@@ -34,6 +35,9 @@ def run(main: Callable[[Optional[Sequence[str]]], Optional[int]], argv: Optional
     except Interrupted as e:
         print(f'{prog}: interrupted; state saved, {e.hint}', file=sys.stderr)
         sys.exit(e.code)
+    except BrokenPipeError:     # the reader of stdout (head, less) is gone: stop quietly, as cat does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(141)
     sys.exit(code or 0)
 
 

@@ -12,7 +12,7 @@ from .errors import SpvitError
 from .flops import BlockDims
 from .hybrid import mlp_widths
 from .models import create_model
-from .supernet import find_adapter
+from .families import family_of
 
 
 @dataclass
@@ -23,11 +23,11 @@ class ModelPair:
 
     @property
     def input_size(self) -> Tuple[int, int, int]:
-        return find_adapter(self.original).input_size(self.original)
+        return family_of(self.original).input_size(self.original)
 
     @property
     def block_dims(self) -> List[BlockDims]:
-        return find_adapter(self.original).block_dims(self.original)
+        return family_of(self.original).block_dims(self.original)
 
 
 def full_architecture(model_name: str, model_kwargs: Dict[str, Any], model: nn.Module) -> Architecture:
@@ -38,7 +38,7 @@ def full_architecture(model_name: str, model_kwargs: Dict[str, Any], model: nn.M
 
 def _original(model_name: str, model_kwargs: Dict[str, Any]) -> nn.Module:
     model = create_model(model_name, model_kwargs).eval()
-    find_adapter(model).check(model)
+    family_of(model).check(model)
     return model
 
 

@@ -1,133 +1,24 @@
 """The supernet: a timm model whose blocks carry weight-shared, gated search slots.
 
 Data flows one way: pretrained timm model -> ``attach_search_space`` -> ``SuperNet`` (search) ->
-``Architecture`` + kept units -> exported hybrid model. Each supported model family has an
-adapter in ``ADAPTERS`` that knows where its blocks are and what their FLOPs depend on.
+``Architecture`` + kept units -> exported hybrid model. What differs between model families (where
+the blocks are, what their FLOPs depend on, which slots attach) is in ``spvit.families``.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Type
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 
 from .arch import ATTN_OPS, Architecture, BlockArch
 from .errors import ArchitectureError, UnsupportedModelError
+from .families import family_of
 from .flops import BlockDims, arch_flops, attn_flops, gated_block_flops, measure_flops, mlp_flops, msa_block_flops
 from .gates import deterministic_gates, penalty_attention_gates
 from .hybrid import classifies_from_prefix_tokens
-from .slots import AttentionSlot, MlpSlot, WindowAttentionSlot
-
-
-class VitAdapter:
-    """timm ``VisionTransformer`` (ViT, DeiT, distilled DeiT, register tokens, any grid)."""
-    supported = ('timm VisionTransformer models (ViT, DeiT incl. _distilled, register tokens, '
-                 'class-token or average pooling) with the standard Block/Attention/Mlp')
-
-    @staticmethod
-    def model_class() -> Type[nn.Module]:
-        from timm.models.vision_transformer import VisionTransformer
-        return VisionTransformer
-
-    def check(self, model: nn.Module) -> None:
-        from timm.models.vision_transformer import Attention, Block
-        if getattr(model, 'dynamic_img_size', False):
-            raise UnsupportedModelError('dynamic_img_size=True is not supported: the conv ops need a fixed patch grid')
-        if not isinstance(model.patch_drop, nn.Identity):
-            raise UnsupportedModelError('patch dropout (patch_drop_rate > 0) is not supported: the conv ops need every patch')
-        for i, blk in enumerate(model.blocks):
-            where = f'block {i}'
-            if type(blk) is not Block:
-                raise UnsupportedModelError(f'{where} is a {type(blk).__name__}, only timm Block is supported')
-            attn, mlp = blk.attn, blk.mlp
-            if type(attn) is not Attention:
-                raise UnsupportedModelError(f'{where}: attention {type(attn).__name__} is not supported, only timm Attention')
-            if not (isinstance(attn.q_norm, nn.Identity) and isinstance(attn.k_norm, nn.Identity)):
-                raise UnsupportedModelError(f'{where}: qk_norm is not supported')
-            if not isinstance(attn.norm, nn.Identity) or getattr(attn, 'gate', None) is not None:
-                raise UnsupportedModelError(f'{where}: scale_attn_norm and gated attention are not supported')
-            if attn.num_heads * attn.head_dim != model.embed_dim:
-                raise UnsupportedModelError(f'{where}: attention width differs from embed_dim')
-            _check_mlp(mlp, where)
-
-    @staticmethod
-    def blocks(model: nn.Module) -> List[nn.Module]:
-        return list(model.blocks)
-
-    @staticmethod
-    def input_size(model: nn.Module) -> Tuple[int, int, int]:
-        pe = model.patch_embed
-        return (pe.proj.in_channels, *pe.img_size)
-
-    def block_dims(self, model: nn.Module) -> List[BlockDims]:
-        h, w = model.patch_embed.grid_size
-        npt = model.num_prefix_tokens
-        return [BlockDims(tokens=h * w + npt, patches=h * w, dim=model.embed_dim, heads=blk.attn.num_heads,
-                          hidden=blk.mlp.fc1.out_features) for blk in model.blocks]
-
-    def attach(self, model: nn.Module, theta0: float, alpha: float, head_gates: bool = False) -> None:
-        grid, npt = tuple(model.patch_embed.grid_size), model.num_prefix_tokens
-        for blk in model.blocks:
-            blk.attn = AttentionSlot(blk.attn, grid, npt, theta0=theta0, alpha=alpha, head_gates=head_gates)
-            blk.mlp = MlpSlot(blk.mlp, theta0=theta0)
-
-
-def _check_mlp(mlp: nn.Module, where: str) -> None:
-    from timm.layers import Mlp
-    if type(mlp) is not Mlp or not isinstance(mlp.fc1, nn.Linear) or not isinstance(mlp.norm, nn.Identity):
-        raise UnsupportedModelError(f'{where}: MLP {type(mlp).__name__} is not supported, only timm Mlp without norm')
-
-
-class SwinAdapter:
-    """timm ``SwinTransformer`` (any window size, depths and img size the windows tile exactly)."""
-    supported = 'timm SwinTransformer models (window attention, shifted windows)'
-
-    @staticmethod
-    def model_class() -> Type[nn.Module]:
-        from timm.models.swin_transformer import SwinTransformer
-        return SwinTransformer
-
-    def check(self, model: nn.Module) -> None:
-        from timm.models.swin_transformer import SwinTransformerBlock, WindowAttention
-        for i, blk in enumerate(self.blocks(model)):
-            where = f'block {i}'
-            if type(blk) is not SwinTransformerBlock or type(blk.attn) is not WindowAttention:
-                raise UnsupportedModelError(f'{where} is a {type(blk).__name__}, only timm SwinTransformerBlock is supported')
-            if blk.attn.qkv.out_features != 3 * blk.attn.qkv.in_features:
-                raise UnsupportedModelError(f'{where}: attention width differs from the block width')
-            (h, w), (wh, ww) = blk.input_resolution, blk.window_size
-            if h % wh or w % ww:
-                raise UnsupportedModelError(f'{where}: a {h}x{w} feature map is not tiled by {wh}x{ww} windows')
-            if getattr(blk, 'dynamic_mask', False):
-                raise UnsupportedModelError(f'{where}: dynamic_mask is not supported (a fixed input size is)')
-            _check_mlp(blk.mlp, where)
-
-    @staticmethod
-    def blocks(model: nn.Module) -> List[nn.Module]:
-        return [blk for stage in model.layers for blk in stage.blocks]
-
-    @staticmethod
-    def input_size(model: nn.Module) -> Tuple[int, int, int]:
-        pe = model.patch_embed
-        return (pe.proj.in_channels, *pe.img_size)
-
-    def block_dims(self, model: nn.Module) -> List[BlockDims]:
-        dims = []
-        for blk in self.blocks(model):
-            (h, w), (wh, ww) = blk.input_resolution, blk.window_size
-            dims.append(BlockDims(tokens=wh * ww, patches=wh * ww, dim=blk.attn.qkv.in_features, heads=blk.attn.num_heads,
-                                  hidden=blk.mlp.fc1.out_features, windows=(h // wh) * (w // ww)))
-        return dims
-
-    def attach(self, model: nn.Module, theta0: float, alpha: float, head_gates: bool = False) -> None:
-        for blk in self.blocks(model):
-            blk.attn = WindowAttentionSlot(blk.attn, theta0=theta0, alpha=alpha, head_gates=head_gates)
-            blk.mlp = MlpSlot(blk.mlp, theta0=theta0)
-
-
-# Registry: model class -> adapter. Subclasses (e.g. VisionTransformerDistilled) match their base.
-ADAPTERS: List[Any] = [VitAdapter(), SwinAdapter()]
+from .slots import AttentionSlot, MlpSlot
 
 
 @dataclass(frozen=True)
@@ -144,14 +35,6 @@ SEARCH_SPACES: Dict[str, SearchSpace] = {
     'heads': SearchSpace(ops=False, heads=True, about='width only: every block keeps msa with 1..H of its heads'),
     'full': SearchSpace(ops=True, heads=True, about='both: the op of each block, and the heads msa keeps'),
 }
-
-
-def find_adapter(model: nn.Module):
-    for adapter in ADAPTERS:
-        if isinstance(model, adapter.model_class()):
-            return adapter
-    supported = '; '.join(a.supported for a in ADAPTERS)
-    raise UnsupportedModelError(f'{type(model).__name__} is not supported; spvit supports {supported}')
 
 
 def mlp_importance(slot: MlpSlot) -> torch.Tensor:
@@ -429,17 +312,17 @@ def attach_search_space(
     if search_space not in SEARCH_SPACES:
         raise ValueError(f'unknown search space {search_space!r}; expected one of {", ".join(SEARCH_SPACES)}')
     space = SEARCH_SPACES[search_space]
-    adapter = find_adapter(model)
-    adapter.check(model)
+    family = family_of(model)
+    family.check(model)
     if model_name is None:
         model_name = (getattr(model, 'pretrained_cfg', None) or {}).get('architecture')
         if not model_name:
             raise UnsupportedModelError('cannot tell the timm model name; pass model_name=')
-    dims = adapter.block_dims(model)
-    input_size = adapter.input_size(model)
+    dims = family.block_dims(model)
+    input_size = family.input_size(model)
     total, _ = measure_flops(model, input_size)
-    adapter.attach(model, theta0, alpha, head_gates=space.heads)
-    slots = [(blk.attn, blk.mlp) for blk in adapter.blocks(model)]
+    family.attach(model, theta0, alpha, head_gates=space.heads)
+    slots = [(blk.attn, blk.mlp) for blk in family.blocks(model)]
     if not space.ops:           # msa in every block: the op gates stay open and untrained
         for a, _ in slots:
             a.gate_logits.requires_grad_(False)

@@ -21,11 +21,12 @@ def build(name, **kwargs):
     return model.eval()
 
 
-def supernet_and_original(name, theta0=1.5, alpha=0.01, **kwargs):
+def supernet_and_original(name, theta0=1.5, alpha=0.01, search_space='spvit', **kwargs):
     """A timm model with random but fixed weights, its untouched copy, and the supernet made from it."""
     model = build(name, **kwargs)
     original = copy.deepcopy(model)
-    return spvit.attach_search_space(model, theta0=theta0, alpha=alpha, model_name=name, model_kwargs=kwargs), original
+    return spvit.attach_search_space(model, theta0=theta0, alpha=alpha, model_name=name, model_kwargs=kwargs,
+                                     search_space=search_space), original
 
 
 SEARCH_MODEL = ['--model', 'vit_tiny_patch16_224', '--model-kwargs', 'img_size=32', 'patch_size=4', 'embed_dim=64',

@@ -151,3 +151,11 @@ def test_model_kwargs_are_read_as_yaml():
     for bad in ('img_size', '=3', 'x=[1'):
         with pytest.raises(argparse.ArgumentTypeError):
             model_kwarg(bad)
+
+
+def test_a_closed_stdout_ends_a_tool_quietly():
+    """`tools/flops.py ... | head -1`: the reader goes away; no BrokenPipeError traceback."""
+    proc = start('flops.py', '--model', 'vit_tiny_patch16_224', '--model-kwargs', 'img_size=32', 'patch_size=4')
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait() == 141 and 'Traceback' not in err, err

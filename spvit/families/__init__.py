@@ -1,0 +1,122 @@
+"""Model families: what spvit knows about one kind of timm model, one module each, in a registry.
+
+A family says how to recognise its models and what it cannot handle, where the blocks are (and the
+grid their conv ops run on), what their FLOPs depend on, how the search slots attach, and how an
+exported block keeps only some heads. Supernet, export, hybrid, flops, report and compare ask
+``family_of(model)``; supporting a family is one new module registered with ``@register_family``
+(imported at the end of this file) plus an ``example`` that the tests run their battery on.
+
+Nothing a family module imports at load time is search code: loading a pruned model goes through
+``layout`` and ``keep_heads``; ``attach`` imports the search slots when a search calls it.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Dict, List, Tuple, Type, TypeVar
+
+import torch.nn as nn
+
+from ..errors import UnsupportedModelError
+
+if TYPE_CHECKING:
+    from ..flops import BlockDims
+
+# (block, grid the conv ops run on, number of prefix tokens) for each block
+Layout = List[Tuple[nn.Module, Tuple[int, int], int]]
+
+
+class Family:
+    """One timm model family. Subclasses fill in every method; ``name`` keys the registry."""
+    name: str = ''
+    # one line for errors and the supported-models table
+    supported: str = ''
+    # what the family handles beyond the standard block (for the supported-models table)
+    handles: str = ''
+    # what it refuses with a clear error
+    refuses: str = ''
+    # timm names of models the family covers, for the supported-models table (* as in timm.list_models)
+    models: Tuple[str, ...] = ()
+    # a small model of the family: (timm name, create_model kwargs); the tests run on it
+    example: Tuple[str, Dict[str, Any]] = ('', {})
+
+    def model_class(self) -> Type[nn.Module]:
+        raise NotImplementedError
+
+    def check(self, model: nn.Module) -> None:
+        """Raise ``UnsupportedModelError`` (one line, naming the block) for what spvit cannot search."""
+        raise NotImplementedError
+
+    def layout(self, model: nn.Module) -> Layout:
+        raise NotImplementedError
+
+    def blocks(self, model: nn.Module) -> List[nn.Module]:
+        return [blk for blk, _, _ in self.layout(model)]
+
+    def input_size(self, model: nn.Module) -> Tuple[int, int, int]:
+        pe = model.patch_embed
+        return (pe.proj.in_channels, *pe.img_size)
+
+    def block_dims(self, model: nn.Module) -> List[BlockDims]:
+        """What each block's FLOPs depend on."""
+        raise NotImplementedError
+
+    def attention_types(self) -> Tuple[Type[nn.Module], ...]:
+        """The timm attention modules the exported model replaces (anything else is refused)."""
+        raise NotImplementedError
+
+    def keep_heads(self, attn: nn.Module, heads: int) -> nn.Module:
+        """An attention like ``attn`` with only ``heads`` heads (random init; weights come from a state dict)."""
+        raise NotImplementedError
+
+    def attach(self, model: nn.Module, theta0: float, alpha: float, head_gates: bool = False) -> None:
+        """Replace every block's attention and MLP by search slots that read the same parameters."""
+        raise NotImplementedError
+
+
+FAMILIES: Dict[str, Family] = {}
+
+F = TypeVar('F', bound=Type[Family])
+
+
+def register_family(cls: F) -> F:
+    FAMILIES[cls.name] = cls()
+    return cls
+
+
+def family_of(model: nn.Module) -> Family:
+    """The family of ``model`` (subclasses, e.g. distilled DeiT, match their base class)."""
+    for family in FAMILIES.values():
+        if isinstance(model, family.model_class()):
+            return family
+    supported = '; '.join(f.supported for f in FAMILIES.values())
+    raise UnsupportedModelError(f'{type(model).__name__} is not supported; spvit supports {supported}')
+
+
+def check_model(model: nn.Module) -> Family:
+    """The family of ``model`` once it has checked that spvit can search it (else one-line
+    ``UnsupportedModelError``)."""
+    family = family_of(model)
+    family.check(model)
+    return family
+
+
+def supported_table() -> str:
+    """The supported-models table of the README (markdown), from the registry."""
+    rows = ['| family | timm models | handled | refused with a clear error |', '|---|---|---|---|']
+    for f in FAMILIES.values():
+        rows.append(f'| {f.name} | {", ".join(f"`{m}`" for m in f.models)} | {f.handles} | {f.refuses} |')
+    return '\n'.join(rows)
+
+
+def check_mlp(mlp: nn.Module, where: str) -> None:
+    """The MLP slots gate the hidden units of a plain timm ``Mlp`` (fc1 -> act -> fc2)."""
+    from timm.layers import Mlp
+    if type(mlp) is not Mlp or not isinstance(mlp.fc1, nn.Linear) or not isinstance(mlp.norm, nn.Identity):
+        raise UnsupportedModelError(f'{where}: MLP {type(mlp).__name__} is not supported, only timm Mlp without norm')
+
+
+# each registers its family; the order is the order of the supported-models list
+from . import vit  # noqa: E402,I001
+from . import swin  # noqa: E402,I001
+
+__all__ = ['Family', 'FAMILIES', 'Layout', 'register_family', 'family_of', 'check_model', 'supported_table',
+           'check_mlp', 'swin', 'vit']

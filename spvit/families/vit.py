@@ -1,0 +1,79 @@
+"""timm ``VisionTransformer``: ViT, DeiT (distilled too), DeiT III, DINOv2, CLIP/SigLIP towers,
+register tokens, class-token or average pooling, any patch grid."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, List, Tuple, Type
+
+import torch.nn as nn
+
+from ..errors import UnsupportedModelError
+from ..layers import HeadAttention
+from . import Family, Layout, check_mlp, register_family
+
+if TYPE_CHECKING:
+    from ..flops import BlockDims
+
+
+@register_family
+class VitFamily(Family):
+    name = 'vit'
+    supported = ('timm VisionTransformer models (ViT, DeiT incl. _distilled, register tokens, '
+                 'class-token or average pooling) with the standard Block/Attention/Mlp')
+    handles = 'prefix tokens (class, distillation, registers), layer scale, class-token or average pooling'
+    refuses = 'qk_norm, scale_attn_norm, gated attention, dynamic_img_size, patch dropout, SwiGLU/normed MLPs'
+    models = ('vit_*_patch*_224', 'deit_*', 'deit3_*', 'vit_*_dinov2', 'vit_*_reg4_dinov2', 'vit_*_clip_*',
+              'vit_*_siglip_*', 'vit_medium_patch16_gap_256', 'flexivit_*')
+    example = ('vit_tiny_patch16_224', dict(img_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=4))
+
+    def model_class(self) -> Type[nn.Module]:
+        from timm.models.vision_transformer import VisionTransformer
+        return VisionTransformer
+
+    def check(self, model: nn.Module) -> None:
+        from timm.models.vision_transformer import Attention, Block
+        if getattr(model, 'dynamic_img_size', False):
+            raise UnsupportedModelError('dynamic_img_size=True is not supported: the conv ops need a fixed patch grid')
+        if not isinstance(model.patch_drop, nn.Identity):
+            raise UnsupportedModelError('patch dropout (patch_drop_rate > 0) is not supported: the conv ops need every patch')
+        for i, blk in enumerate(model.blocks):
+            where = f'block {i}'
+            if type(blk) is not Block:
+                raise UnsupportedModelError(f'{where} is a {type(blk).__name__}, only timm Block is supported')
+            attn = blk.attn
+            if type(attn) is not Attention:
+                raise UnsupportedModelError(f'{where}: attention {type(attn).__name__} is not supported, only timm Attention')
+            if not (isinstance(attn.q_norm, nn.Identity) and isinstance(attn.k_norm, nn.Identity)):
+                raise UnsupportedModelError(f'{where}: qk_norm is not supported')
+            if not isinstance(attn.norm, nn.Identity) or getattr(attn, 'gate', None) is not None:
+                raise UnsupportedModelError(f'{where}: scale_attn_norm and gated attention are not supported')
+            if attn.num_heads * attn.head_dim != model.embed_dim:
+                raise UnsupportedModelError(f'{where}: attention width differs from embed_dim')
+            check_mlp(blk.mlp, where)
+
+    def layout(self, model: nn.Module) -> Layout:
+        grid, npt = tuple(model.patch_embed.grid_size), model.num_prefix_tokens
+        return [(blk, grid, npt) for blk in model.blocks]
+
+    def block_dims(self, model: nn.Module) -> List[BlockDims]:
+        from ..flops import BlockDims
+        h, w = model.patch_embed.grid_size
+        npt = model.num_prefix_tokens
+        return [BlockDims(tokens=h * w + npt, patches=h * w, dim=model.embed_dim, heads=blk.attn.num_heads,
+                          hidden=blk.mlp.fc1.out_features) for blk in model.blocks]
+
+    def attention_types(self) -> Tuple[Type[nn.Module], ...]:
+        from timm.layers import Attention
+        return (Attention,)
+
+    def keep_heads(self, attn: nn.Module, heads: int) -> nn.Module:
+        w = attn.qkv.weight
+        return HeadAttention(w.shape[1], heads, attn.head_dim, qkv_bias=attn.qkv.bias is not None,
+                             proj_bias=attn.proj.bias is not None, attn_drop=attn.attn_drop.p,
+                             proj_drop=attn.proj_drop.p, device=w.device, dtype=w.dtype)
+
+    def attach(self, model: nn.Module, theta0: float, alpha: float, head_gates: bool = False) -> None:
+        from ..slots import AttentionSlot, MlpSlot
+        grid, npt = tuple(model.patch_embed.grid_size), model.num_prefix_tokens
+        for blk in model.blocks:
+            blk.attn = AttentionSlot(blk.attn, grid, npt, theta0=theta0, alpha=alpha, head_gates=head_gates)
+            blk.mlp = MlpSlot(blk.mlp, theta0=theta0)

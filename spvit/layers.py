@@ -1,0 +1,106 @@
+"""The plain modules an exported model is made of besides timm's: what a block's attention becomes
+when it turns into a convolution, is skipped, or keeps only some of its heads. No search code."""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class ConvAttention(nn.Module):
+    """A block's attention turned into Conv2d(d -> hd, k x k) + ReLU + Linear(hd -> d) over the
+    patch grid. The conv carries the mixed kernel with its BatchNorm folded in.
+
+    Prefix tokens (class, distillation, register) have no grid position: they get a zero update,
+    as in the search. In a Swin block the tokens are one window (no prefix tokens) and the conv
+    pads at the window border. ``attn_mask``/``is_causal`` (ViT) and ``mask`` (Swin's shift mask)
+    are accepted because timm's blocks pass them; a conv has nothing to mask.
+    """
+
+    def __init__(
+            self,
+            dim: int,
+            head_dim: int,
+            kernel_size: int,
+            grid_size: Tuple[int, int],
+            num_prefix_tokens: int,
+            proj_bias: bool = True,
+            proj_drop: float = 0.,
+            device=None,
+            dtype=None,
+    ) -> None:
+        super().__init__()
+        dd = {'device': device, 'dtype': dtype}
+        self.grid_size = tuple(grid_size)
+        self.num_prefix_tokens = num_prefix_tokens
+        self.kernel_size = kernel_size
+        self.conv = nn.Conv2d(dim, head_dim, kernel_size, padding=kernel_size // 2, **dd)
+        self.act = nn.ReLU()
+        self.proj = nn.Linear(head_dim, dim, bias=proj_bias, **dd)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def extra_repr(self) -> str:
+        return f'grid={self.grid_size}, prefix_tokens={self.num_prefix_tokens}'
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False,
+                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        B, N, C = x.shape
+        H, W = self.grid_size
+        patches = x[:, self.num_prefix_tokens:]
+        if self.kernel_size == 1:
+            # A 1x1 conv is a matmul on the tokens: no layout change at all (a free view of the weight).
+            z = F.linear(patches, self.conv.weight.flatten(1), self.conv.bias)
+        else:
+            # Tokens are (B, H*W, C), i.e. an NHWC image: the permuted view is channels-last, which
+            # the CPU/GPU conv kernels take without a transposing copy, and their output permutes back.
+            img = patches.reshape(B, H, W, C).permute(0, 3, 1, 2)
+            z = self.conv(img).permute(0, 2, 3, 1).reshape(B, H * W, -1)
+        out = self.proj_drop(self.proj(self.act(z)))
+        return F.pad(out, (0, 0, self.num_prefix_tokens, 0))
+
+
+class NoAttention(nn.Module):
+    """A skipped attention: the branch adds zero, so the block keeps only its residual (and MLP)."""
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False,
+                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return torch.zeros_like(x)
+
+
+class HeadAttention(nn.Module):
+    """Multi-head self-attention over ``num_heads`` heads of ``head_dim`` each, whatever the model
+    width: what a timm ``Attention`` becomes when some of its heads are pruned. Its state dict
+    has timm's keys (qkv, proj), holding the kept heads' rows and columns."""
+
+    def __init__(
+            self,
+            dim: int,
+            num_heads: int,
+            head_dim: int,
+            qkv_bias: bool = True,
+            proj_bias: bool = True,
+            attn_drop: float = 0.,
+            proj_drop: float = 0.,
+            device=None,
+            dtype=None,
+    ) -> None:
+        super().__init__()
+        dd = {'device': device, 'dtype': dtype}
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.qkv = nn.Linear(dim, 3 * num_heads * head_dim, bias=qkv_bias, **dd)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(num_heads * head_dim, dim, bias=proj_bias, **dd)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def extra_repr(self) -> str:
+        return f'heads={self.num_heads}, head_dim={self.head_dim}'
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
+        B, N, _ = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                                           dropout_p=self.attn_drop.p if self.training else 0.)
+        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, -1)))
