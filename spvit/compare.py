@@ -12,7 +12,7 @@ from .errors import SpvitError
 from .flops import BlockDims
 from .hybrid import mlp_widths
 from .models import create_model
-from .families import family_of
+from .families import check_model, family_of
 
 
 @dataclass
@@ -38,7 +38,7 @@ def full_architecture(model_name: str, model_kwargs: Dict[str, Any], model: nn.M
 
 def _original(model_name: str, model_kwargs: Dict[str, Any]) -> nn.Module:
     model = create_model(model_name, model_kwargs).eval()
-    family_of(model).check(model)
+    check_model(model)
     return model
 
 
