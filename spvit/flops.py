@@ -29,6 +29,7 @@ class BlockDims:
     heads: int
     hidden: int       # full MLP width
     windows: int = 1
+    qk_norm: bool = False     # msa normalises q and k (timm's qk_norm=True)
 
     @property
     def head_dim(self) -> int:
@@ -36,10 +37,11 @@ class BlockDims:
 
 
 def _msa(b: BlockDims, heads: Optional[int] = None) -> int:
-    """qkv, q k^T, attn v and the projection; each is linear in the kept heads' width h * hd."""
+    """qkv, q k^T, attn v and the projection; each is linear in the kept heads' width h * hd. With
+    qk-norm, the two affine norms over q and k (5 per element, as fvcore counts a norm)."""
     n, d = b.tokens, b.dim
     width = d if heads is None else heads * b.head_dim
-    return b.windows * (4 * n * d * width + 2 * n * n * width)
+    return b.windows * (4 * n * d * width + 2 * n * n * width + (2 * 5 * n * width if b.qk_norm else 0))
 
 
 def _conv3x3(b: BlockDims) -> int:

@@ -81,6 +81,8 @@ class HeadAttention(nn.Module):
             head_dim: int,
             qkv_bias: bool = True,
             proj_bias: bool = True,
+            q_norm: Optional[nn.Module] = None,
+            k_norm: Optional[nn.Module] = None,
             attn_drop: float = 0.,
             proj_drop: float = 0.,
             device=None,
@@ -91,6 +93,9 @@ class HeadAttention(nn.Module):
         self.num_heads = num_heads
         self.head_dim = head_dim
         self.qkv = nn.Linear(dim, 3 * num_heads * head_dim, bias=qkv_bias, **dd)
+        # timm's qk_norm: one norm over head_dim, shared by the heads (the original's modules)
+        self.q_norm = q_norm if q_norm is not None else nn.Identity()
+        self.k_norm = k_norm if k_norm is not None else nn.Identity()
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj = nn.Linear(num_heads * head_dim, dim, bias=proj_bias, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
@@ -101,6 +106,7 @@ class HeadAttention(nn.Module):
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
         B, N, _ = x.shape
         q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
                                            dropout_p=self.attn_drop.p if self.training else 0.)
         return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, -1)))

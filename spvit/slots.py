@@ -42,6 +42,10 @@ class AttentionSlot(nn.Module):
         self.qkv = attn.qkv
         self.attn_drop = attn.attn_drop
         self.proj = attn.proj
+        # qk-norm (timm's qk_norm=True): one norm over head_dim, shared by the heads; msa only, the
+        # conv ops read v
+        self.q_norm = getattr(attn, 'q_norm', None) or nn.Identity()
+        self.k_norm = getattr(attn, 'k_norm', None) or nn.Identity()
         self.proj_drop = attn.proj_drop
         dd = {'device': attn.qkv.weight.device, 'dtype': attn.qkv.weight.dtype}
         self.head_assign = nn.Parameter(torch.ones(self.num_heads, len(OFFSETS), **dd))
@@ -93,6 +97,7 @@ class AttentionSlot(nn.Module):
     # --- pieces shared by the search and the pinned forward ---
 
     def _attend(self, q, k, v, attn_mask, is_causal, heads: Optional[torch.Tensor] = None) -> torch.Tensor:
+        q, k = self.q_norm(q), self.k_norm(k)
         if self.fused_attn:
             x = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=attn_mask, is_causal=is_causal,

@@ -66,7 +66,8 @@ def test_validation_against_model(small_supernet):
 
 @pytest.mark.parametrize('name,kwargs,message', [
     ('resnet18', {}, 'ResNet is not supported; spvit supports timm VisionTransformer'),
-    ('vit_tiny_patch16_224', dict(img_size=32, patch_size=8, depth=1, qk_norm=True), 'qk_norm is not supported'),
+    ('vit_tiny_patch16_224', dict(img_size=32, patch_size=8, depth=1, qk_norm=True, norm_layer='rmsnorm'),
+     'qk_norm with RmsNorm is not supported'),
     ('vit_tiny_patch16_224', dict(img_size=32, patch_size=8, depth=1, dynamic_img_size=True), 'dynamic_img_size'),
     ('vit_tiny_patch16_224', dict(img_size=32, patch_size=8, depth=1, patch_drop_rate=0.1), 'patch dropout'),
     ('vit_tiny_patch16_224', dict(img_size=32, patch_size=8, depth=1, scale_mlp_norm=True), 'only timm Mlp without norm'),

@@ -1,4 +1,4 @@
-"""The battery every registered model family gets, on its ``example`` model: supporting a new
+"""The battery every registered model family gets, on each of its example models: supporting a new
 family is one module in ``spvit/families`` and these tests run on it without a copied file."""
 import json
 
@@ -13,10 +13,13 @@ from helpers import (SEARCH_DATA, load, randomize_batchnorm, randomize_mixing, r
                      supernet_and_original, tool)
 
 FAMILY_NAMES = list(FAMILIES)
+# (family, example index), named for the test ids
+EXAMPLES = [pytest.param((f, i), id=f'{f}{i}') for f in FAMILY_NAMES for i in range(len(FAMILIES[f].examples))]
 
 
-def example(name, search_space='spvit'):
-    model_name, kwargs = FAMILIES[name].example
+def example(case, search_space='spvit'):
+    family, i = case
+    model_name, kwargs = FAMILIES[family].examples[i]
     return supernet_and_original(model_name, search_space=search_space, **kwargs)
 
 
@@ -29,29 +32,30 @@ def kwargs_argv(kwargs):
 
 
 def test_families_are_found_by_model_class():
-    for name in FAMILY_NAMES:
-        supernet, original = example(name)
-        assert family_of(original) is FAMILIES[name]
+    for family in FAMILY_NAMES:
+        for i in range(len(FAMILIES[family].examples)):
+            supernet, original = example((family, i))
+            assert family_of(original) is FAMILIES[family]
 
 
-@pytest.mark.parametrize('family', FAMILY_NAMES)
+@pytest.mark.parametrize('case', EXAMPLES)
 @pytest.mark.parametrize('space', ['spvit', 'full'])
-def test_all_gates_open_equals_timm(family, space):
-    supernet, original = example(family, search_space=space)
+def test_all_gates_open_equals_timm(case, space):
+    supernet, original = example(case, search_space=space)
     supernet.eval()
     x = inputs(supernet)
     with torch.no_grad():
         assert (supernet(x) - original(x)).abs().max().item() <= 1e-5
 
 
-@pytest.mark.parametrize('family', FAMILY_NAMES)
+@pytest.mark.parametrize('case', EXAMPLES)
 @pytest.mark.parametrize('seed,heads', [(0, False), (1, True)])
-def test_pinned_equals_gated_equals_export_and_flops_equal_fvcore(family, seed, heads, tmp_path):
+def test_pinned_equals_gated_equals_export_and_flops_equal_fvcore(case, seed, heads, tmp_path):
     """The deterministic gates of a random architecture compute what the pinned supernet computes,
     the export what the pinned supernet computes (kept heads too), the saved and reloaded model the
     same again, and the analytic FLOPs are fvcore's."""
     from spvit.export import export_supernet
-    supernet, _ = example(family)
+    supernet, _ = example(case)
     arch, kept = random_arch(supernet, seed)
     randomize_batchnorm(supernet, seed)
     randomize_mixing(supernet, seed)
@@ -81,22 +85,24 @@ def test_pinned_equals_gated_equals_export_and_flops_equal_fvcore(family, seed, 
     assert not any(k in n for n in names for k in ('gate_logits', 'head_logits', 'head_assign', 'bn1', 'bn3'))
 
 
-@pytest.mark.parametrize('family', FAMILY_NAMES)
-def test_flops_tool_reports_the_model(family):
-    model_name, kwargs = FAMILIES[family].example
+@pytest.mark.parametrize('case', EXAMPLES)
+def test_flops_tool_reports_the_model(case):
+    family, i = case
+    model_name, kwargs = FAMILIES[family].examples[i]
     r = tool('flops.py', ['--model', model_name, '--model-kwargs', *kwargs_argv(kwargs), '--json'])
     assert r.returncode == 0, r.stderr[-800:]
     report = json.loads(r.stdout)
-    supernet, original = example(family)
+    supernet, original = example(case)
     measured, _ = measure_flops(original, supernet.input_size)
     assert report['flops'] == measured and report['analytic_flops'] == supernet.original_flops
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('family', FAMILY_NAMES)
-def test_a_tiny_search_lands_on_its_target(family, image_folder, tmp_path):
+@pytest.mark.parametrize('case', EXAMPLES)
+def test_a_tiny_search_lands_on_its_target(case, image_folder, tmp_path):
     from spvit.search import main as search_main
-    model_name, kwargs = FAMILIES[family].example
+    family, i = case
+    model_name, kwargs = FAMILIES[family].examples[i]
     out = tmp_path / 'run'
     search_main(['--model', model_name, '--model-kwargs', *kwargs_argv(kwargs), *SEARCH_DATA, '--data-dir',
                  image_folder, '--output-dir', str(out), '--batch-size', '16', '--target-ratio', '0.6',

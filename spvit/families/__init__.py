@@ -4,7 +4,7 @@ A family says how to recognise its models and what it cannot handle, where the b
 grid their conv ops run on), what their FLOPs depend on, how the search slots attach, and how an
 exported block keeps only some heads. Supernet, export, hybrid, flops, report and compare ask
 ``family_of(model)``; supporting a family is one new module registered with ``@register_family``
-(imported at the end of this file) plus an ``example`` that the tests run their battery on.
+(imported at the end of this file) plus ``examples`` that the tests run their battery on.
 
 Nothing a family module imports at load time is search code: loading a pruned model goes through
 ``layout`` and ``keep_heads``; ``attach`` imports the search slots when a search calls it.
@@ -35,8 +35,9 @@ class Family:
     refuses: str = ''
     # timm names of models the family covers, for the supported-models table (* as in timm.list_models)
     models: Tuple[str, ...] = ()
-    # a small model of the family: (timm name, create_model kwargs); the tests run on it
-    example: Tuple[str, Dict[str, Any]] = ('', {})
+    # small models of the family, one per variant it handles: (timm name, create_model kwargs); the
+    # tests run their battery on each
+    examples: Tuple[Tuple[str, Dict[str, Any]], ...] = ()
 
     def model_class(self) -> Type[nn.Module]:
         raise NotImplementedError

@@ -22,8 +22,8 @@ class SwinFamily(Family):
     models = ('swin_tiny_patch4_window7_224', 'swin_small_patch4_window7_224', 'swin_base_patch4_window7_224',
               'swin_*_patch4_window12_384')
     # 16x16 then 8x8 feature maps in 4x4 windows; the second block of each stage is shifted
-    example = ('swin_tiny_patch4_window7_224', dict(img_size=64, patch_size=4, window_size=4, embed_dim=32,
-                                                    depths=(2, 2), num_heads=(2, 4)))
+    examples = (('swin_tiny_patch4_window7_224', dict(img_size=64, patch_size=4, window_size=4, embed_dim=32,
+                                                      depths=(2, 2), num_heads=(2, 4))),)
 
     def model_class(self) -> Type[nn.Module]:
         from timm.models.swin_transformer import SwinTransformer

@@ -2,6 +2,7 @@
 register tokens, class-token or average pooling, any patch grid."""
 from __future__ import annotations
 
+import copy
 from typing import TYPE_CHECKING, List, Tuple, Type
 
 import torch.nn as nn
@@ -19,11 +20,14 @@ class VitFamily(Family):
     name = 'vit'
     supported = ('timm VisionTransformer models (ViT, DeiT incl. _distilled, register tokens, '
                  'class-token or average pooling) with the standard Block/Attention/Mlp')
-    handles = 'prefix tokens (class, distillation, registers), layer scale, class-token or average pooling'
-    refuses = 'qk_norm, scale_attn_norm, gated attention, dynamic_img_size, patch dropout, SwiGLU/normed MLPs'
+    handles = ('prefix tokens (class, distillation, registers), layer scale, class-token or average pooling, '
+               'qk_norm (msa and its kept heads keep the shared q/k norms)')
+    refuses = 'scale_attn_norm, gated attention, dynamic_img_size, patch dropout, SwiGLU/normed MLPs'
     models = ('vit_*_patch*_224', 'deit_*', 'deit3_*', 'vit_*_dinov2', 'vit_*_reg4_dinov2', 'vit_*_clip_*',
               'vit_*_siglip_*', 'vit_medium_patch16_gap_256', 'flexivit_*')
-    example = ('vit_tiny_patch16_224', dict(img_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=4))
+    examples = (('vit_tiny_patch16_224', dict(img_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=4)),
+                ('vit_tiny_patch16_224', dict(img_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=4,
+                                              qk_norm=True)))
 
     def model_class(self) -> Type[nn.Module]:
         from timm.models.vision_transformer import VisionTransformer
@@ -42,8 +46,10 @@ class VitFamily(Family):
             attn = blk.attn
             if type(attn) is not Attention:
                 raise UnsupportedModelError(f'{where}: attention {type(attn).__name__} is not supported, only timm Attention')
-            if not (isinstance(attn.q_norm, nn.Identity) and isinstance(attn.k_norm, nn.Identity)):
-                raise UnsupportedModelError(f'{where}: qk_norm is not supported')
+            if not isinstance(attn.q_norm, nn.Identity) and not (
+                    isinstance(attn.q_norm, nn.LayerNorm) and attn.q_norm.elementwise_affine):
+                raise UnsupportedModelError(f'{where}: qk_norm with {type(attn.q_norm).__name__} is not supported, '
+                                            'only with an affine LayerNorm')
             if not isinstance(attn.norm, nn.Identity) or getattr(attn, 'gate', None) is not None:
                 raise UnsupportedModelError(f'{where}: scale_attn_norm and gated attention are not supported')
             if attn.num_heads * attn.head_dim != model.embed_dim:
@@ -59,7 +65,8 @@ class VitFamily(Family):
         h, w = model.patch_embed.grid_size
         npt = model.num_prefix_tokens
         return [BlockDims(tokens=h * w + npt, patches=h * w, dim=model.embed_dim, heads=blk.attn.num_heads,
-                          hidden=blk.mlp.fc1.out_features) for blk in model.blocks]
+                          hidden=blk.mlp.fc1.out_features, qk_norm=not isinstance(blk.attn.q_norm, nn.Identity))
+                for blk in model.blocks]
 
     def attention_types(self) -> Tuple[Type[nn.Module], ...]:
         from timm.layers import Attention
@@ -68,7 +75,8 @@ class VitFamily(Family):
     def keep_heads(self, attn: nn.Module, heads: int) -> nn.Module:
         w = attn.qkv.weight
         return HeadAttention(w.shape[1], heads, attn.head_dim, qkv_bias=attn.qkv.bias is not None,
-                             proj_bias=attn.proj.bias is not None, attn_drop=attn.attn_drop.p,
+                             proj_bias=attn.proj.bias is not None, q_norm=copy.deepcopy(attn.q_norm),
+                             k_norm=copy.deepcopy(attn.k_norm), attn_drop=attn.attn_drop.p,
                              proj_drop=attn.proj_drop.p, device=w.device, dtype=w.dtype)
 
     def attach(self, model: nn.Module, theta0: float, alpha: float, head_gates: bool = False) -> None:
