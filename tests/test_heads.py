@@ -50,8 +50,10 @@ def test_closed_heads_drop_out_and_flops_follow_the_heads():
     for a in supernet.attn_slots:
         a.head_logits.data = torch.randn(a.num_heads, generator=g)
     supernet.attn_slots[1].gate_logits.data = torch.tensor([1., 1., -1.])          # conv1x1: its heads do not count
+    supernet.attn_slots[2].head_logits.data = torch.tensor([-1., -2., -0.5, -3.])    # msa keeps its best head
     arch = supernet.architecture()
     assert arch.blocks[1].attn == 'conv1x1' and arch.blocks[1].heads is None
+    assert arch.blocks[2].heads == [2]
     kept = [b.heads for b in arch.blocks if b.attn == 'msa']
     assert any(h is not None for h in kept)
     assert supernet.flops().item() * 1e9 == pytest.approx(supernet.arch_flops(arch), rel=1e-6)
