@@ -59,6 +59,12 @@ def penalty_attention_gates(logits: torch.Tensor) -> torch.Tensor:
     return detach_cheaper(deterministic_gates(logits))
 
 
+def hold_conv3x3_open(gates: torch.Tensor) -> torch.Tensor:
+    """The gates of a block whose conv3x3 is left out: its gate is held open (1, no gradient), so
+    closing msa lands on the conv3x3 state, which such a block computes and counts as conv1x1."""
+    return torch.stack([gates[0], torch.ones_like(gates[1]), gates[2]])
+
+
 def attention_coefficients(gates: torch.Tensor) -> torch.Tensor:
     """Branch weights (msa, conv3x3, conv1x1) from the three gates: I = cumprod(g),
     msa = I3, conv3x3 = I2 (1 - I3), conv1x1 = I1 (1 - I2) (1 - I3)."""

@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .arch import ATTN_OPS
-from .gates import attention_coefficients, attention_gates, sample_gates
+from .gates import attention_coefficients, attention_gates, hold_conv3x3_open, sample_gates
 from .mixing import (CENTER, OFFSETS, border_bias, border_mask, conv3x3_weight, head_mixing, mix_heads, mix_output,
                      mix_value, shifted_sum)
 
@@ -56,6 +56,9 @@ class AttentionSlot(nn.Module):
         self.head_logits = nn.Parameter(torch.full((self.num_heads,), float(theta0), **dd)) if head_gates else None
         self.head_values: Optional[torch.Tensor] = None   # used instead of the head logits' gates (importance scores)
         self.op_gates = True      # False: the op gates stay open (msa), only heads are searched
+        # True (a space with heads, where conv3x3 costs more than msa with one head): conv3x3 is no
+        # choice; closing msa gives conv1x1 (see hold_conv3x3_open)
+        self.conv3x3_left_out = False
         self.register_buffer('border', border_mask(self.grid_size).to(**dd), persistent=False)
         self.pinned_op: Optional[str] = None
         self.pinned_heads: Optional[torch.Tensor] = None     # msa: indices of the kept heads (None: all)
@@ -135,7 +138,11 @@ class AttentionSlot(nn.Module):
             return self.proj_drop(self.proj(a))
         gates = self.gate_values if self.gate_values is not None else attention_gates(self.gate_logits, self.training,
                                                                                       self.gate_noise)
+        if self.conv3x3_left_out:
+            gates = hold_conv3x3_open(gates)
         c_msa, c3, c1 = attention_coefficients(gates).unbind(0)
+        if self.conv3x3_left_out:           # the conv3x3 state computes conv1x1
+            c1, c3 = c1 + c3, torch.zeros_like(c3)
 
         # O_k = sum_h P[h,k] W_o^h, so a conv output O z is the MSA projection of z placed in
         # every head slot h with weight sum_k P[h,k] (conv3x3) or P[h,centre] (conv1x1): the conv

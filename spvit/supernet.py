@@ -16,7 +16,7 @@ from .arch import ATTN_OPS, Architecture, BlockArch
 from .errors import ArchitectureError, UnsupportedModelError
 from .families import family_of
 from .flops import BlockDims, arch_flops, attn_flops, gated_block_flops, measure_flops, mlp_flops, msa_block_flops
-from .gates import deterministic_gates, penalty_attention_gates
+from .gates import deterministic_gates, hold_conv3x3_open, penalty_attention_gates
 from .hybrid import classifies_from_prefix_tokens
 from .slots import AttentionSlot, MlpSlot
 
@@ -33,7 +33,8 @@ class SearchSpace:
 SEARCH_SPACES: Dict[str, SearchSpace] = {
     'spvit': SearchSpace(ops=True, heads=False, about='the paper: msa, conv3x3, conv1x1 or skip per block'),
     'heads': SearchSpace(ops=False, heads=True, about='width only: every block keeps msa with 1..H of its heads'),
-    'full': SearchSpace(ops=True, heads=True, about='both: the op of each block, and the heads msa keeps'),
+    'full': SearchSpace(ops=True, heads=True, about='both: the op of each block, and the heads msa keeps (conv3x3 '
+                        'only in blocks where it costs less than msa with one head)'),
 }
 
 
@@ -120,10 +121,12 @@ class SuperNet(nn.Module):
 
     def gate_costs(self) -> List[torch.Tensor]:
         """For each tensor of ``gate_parameters()``: the share of the original FLOPs each of its gates
-        controls (attention: conv1x1, conv3x3 - conv1x1, msa - conv3x3; MLP: one hidden unit)."""
+        controls (attention: conv1x1, conv3x3 - conv1x1, msa - conv3x3, where conv3x3 costs conv1x1's
+        in a block that leaves it out; MLP: one hidden unit)."""
         costs = []
         for b, (a, m) in zip(self.block_dims, self._slots):
             f1, f3, fm = (attn_flops(b, op) for op in ATTN_OPS[1:])
+            f3 = f1 if a.conv3x3_left_out else f3
             if self.space.ops:
                 costs.append(torch.tensor([f1, f3 - f1, fm - f3], dtype=torch.float64) / self.original_flops)
             if a.head_logits is not None:
@@ -139,10 +142,16 @@ class SuperNet(nn.Module):
 
     def flops(self) -> torch.Tensor:
         """Analytic GFLOPs under the deterministic gates, differentiable in the gate logits."""
-        total = sum(gated_block_flops(b, penalty_attention_gates(a.gate_logits), deterministic_gates(m.gate_logits),
-                                      None if a.head_logits is None else deterministic_gates(a.head_logits))
+        total = sum(gated_block_flops(b, self._penalty_gates(a), deterministic_gates(m.gate_logits),
+                                      None if a.head_logits is None else deterministic_gates(a.head_logits),
+                                      conv3x3=not a.conv3x3_left_out)
                     for b, (a, m) in zip(self.block_dims, self._slots))
         return (total + self.fixed_flops) / 1e9
+
+    @staticmethod
+    def _penalty_gates(a: AttentionSlot) -> torch.Tensor:
+        gates = penalty_attention_gates(a.gate_logits)
+        return hold_conv3x3_open(gates) if a.conv3x3_left_out else gates
 
     def arch_flops(self, arch: Architecture) -> int:
         """Analytic FLOPs (MACs) of an architecture of this model."""
@@ -200,11 +209,18 @@ class SuperNet(nn.Module):
                 a.gate_logits.copy_(row)
 
     def _op_logits(self) -> torch.Tensor:
-        return torch.stack([a.gate_logits.detach() for a in self.attn_slots])         # (blocks, 3)
+        """(blocks, 3); the conv3x3 gate of a block that leaves conv3x3 out reads as open."""
+        logits = torch.stack([a.gate_logits.detach() for a in self.attn_slots])
+        held = self._conv3x3_held(logits.device)
+        return torch.where(held[:, None] & (torch.arange(3, device=logits.device) == 1), logits.abs() + 1, logits)
 
-    @staticmethod
-    def _levels(logits: torch.Tensor) -> torch.Tensor:
-        return torch.cumprod((logits > 0).long(), 1).sum(1)
+    def _conv3x3_held(self, device: torch.device) -> torch.Tensor:
+        return torch.tensor([a.conv3x3_left_out for a in self.attn_slots], device=device)
+
+    def _levels(self, logits: torch.Tensor) -> torch.Tensor:
+        """Op index per block; the conv3x3 state of a block that leaves conv3x3 out is conv1x1."""
+        levels = torch.cumprod((logits > 0).long(), 1).sum(1)
+        return torch.where(self._conv3x3_held(logits.device) & (levels == 2), 1, levels)
 
     def op_levels(self) -> torch.Tensor:
         """Each block's op under the deterministic gates, as its index in ATTN_OPS (on the device)."""
@@ -215,7 +231,8 @@ class SuperNet(nn.Module):
         whose op rose over it: a projection that lets ops only move down. No host sync."""
         logits = self._op_logits()
         over = self._levels(logits) > ceiling
-        close = over[:, None] & (torch.arange(logits.shape[1], device=logits.device) == ceiling[:, None])
+        gate = torch.where(self._conv3x3_held(logits.device) & (ceiling == 1), 2, ceiling)    # the held gate cannot close
+        close = over[:, None] & (torch.arange(logits.shape[1], device=logits.device) == gate[:, None])
         fixed = torch.where(close, logits.clamp(max=-1e-3), logits)
         with torch.no_grad():
             for a, row in zip(self.attn_slots, fixed):
@@ -236,14 +253,14 @@ class SuperNet(nn.Module):
     def architecture(self) -> Architecture:
         """The architecture the deterministic gates select (the pinned one, if pinned)."""
         blocks = []
-        for a, m in self._slots:
+        levels = self.op_levels().tolist()
+        for (a, m), level in zip(self._slots, levels):
             if a.pinned_op is not None and m.kept is not None:
                 heads = None if a.pinned_heads is None else a.pinned_heads.tolist()
                 blocks.append(BlockArch(a.pinned_op, int(m.kept.numel()), heads))
                 continue
-            g = torch.cumprod((a.gate_logits.detach() > 0).long(), 0)
             mask = m.gate_logits.detach() > 0
-            op = ATTN_OPS[int(g.sum())]
+            op = ATTN_OPS[level]
             blocks.append(BlockArch(op, max(1, int(mask.sum())), a.kept_heads() if op == 'msa' else None))
         return Architecture(model=self.model_name, model_kwargs=dict(self.model_kwargs), blocks=blocks)
 
@@ -323,6 +340,9 @@ def attach_search_space(
     total, _ = measure_flops(model, input_size)
     family.attach(model, theta0, alpha, head_gates=space.heads)
     slots = [(blk.attn, blk.mlp) for blk in family.blocks(model)]
+    if space.ops and space.heads:   # conv3x3 is no choice where msa with one head costs less
+        for (a, _), b in zip(slots, dims):
+            a.conv3x3_left_out = attn_flops(b, 'conv3x3') >= attn_flops(b, 'msa', 1)
     if not space.ops:           # msa in every block: the op gates stay open and untrained
         for a, _ in slots:
             a.gate_logits.requires_grad_(False)

@@ -49,12 +49,12 @@ def randomize_batchnorm(supernet, seed=0):
             bn.bias.data.copy_(torch.randn(bn.num_features, generator=g) * 0.1)
 
 
-def random_arch(supernet, seed, heads=False):
-    """A random architecture using all four ops, and random kept units (and, with ``heads``, a
+def random_arch(supernet, seed, heads=False, ops=spvit.ATTN_OPS):
+    """A random architecture using all ``ops``, and random kept units (and, with ``heads``, a
     random proper subset of heads in every msa block)."""
     g = torch.Generator().manual_seed(seed)
     n = len(supernet.block_dims)
-    ops = [spvit.ATTN_OPS[i % 4] for i in torch.randperm(n, generator=g).tolist()]
+    ops = [ops[i % len(ops)] for i in torch.randperm(n, generator=g).tolist()]
     blocks, kept = [], []
     for op, dims in zip(ops, supernet.block_dims):
         width = int(torch.randint(1, dims.hidden + 1, (1,), generator=g))

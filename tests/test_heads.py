@@ -49,9 +49,11 @@ def test_closed_heads_drop_out_and_flops_follow_the_heads():
     g = torch.Generator().manual_seed(0)
     for a in supernet.attn_slots:
         a.head_logits.data = torch.randn(a.num_heads, generator=g)
-    supernet.attn_slots[1].gate_logits.data = torch.tensor([1., 1., -1.])          # conv3x3: its heads do not count
+    supernet.attn_slots[1].gate_logits.data = torch.tensor([1., 1., -1.])          # conv1x1: its heads do not count
+    supernet.attn_slots[2].head_logits.data = torch.tensor([-1., -2., -0.5, -3.])    # msa keeps its best head
     arch = supernet.architecture()
-    assert arch.blocks[1].attn == 'conv3x3' and arch.blocks[1].heads is None
+    assert arch.blocks[1].attn == 'conv1x1' and arch.blocks[1].heads is None
+    assert arch.blocks[2].heads == [2]
     kept = [b.heads for b in arch.blocks if b.attn == 'msa']
     assert any(h is not None for h in kept)
     assert supernet.flops().item() * 1e9 == pytest.approx(supernet.arch_flops(arch), rel=1e-6)
@@ -73,7 +75,7 @@ def test_closed_heads_drop_out_and_flops_follow_the_heads():
 def test_pinned_heads_equal_gated_eval(seed):
     supernet, _ = head_supernet('full')
     randomize_batchnorm(supernet, seed)
-    arch, kept = random_arch(supernet, seed, heads=True)
+    arch, kept = random_arch(supernet, seed, heads=True, ops=('skip', 'conv1x1', 'msa'))   # conv3x3 is left out
     set_gates(supernet, arch, kept)
     for a, b in zip(supernet.attn_slots, arch.blocks):
         a.head_logits.data = torch.full((a.num_heads,), -1.)
@@ -181,3 +183,35 @@ def test_search_with_head_gates_lands_and_exports(image_folder, pretrained, tmp_
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert (pm.model(x) - supernet(x)).abs().max().item() <= 1e-4
+
+
+def test_full_space_leaves_out_conv3x3_where_one_head_costs_less():
+    """With heads in the space, conv3x3 (9 taps into a head-wide channel) costs more than msa with
+    one head on these 65 tokens: it is no choice. Closing msa gives conv1x1 in the forward, the
+    architecture and the FLOPs; the conv3x3 gate is held open and learns nothing."""
+    from spvit.flops import attn_flops
+    supernet, _ = head_supernet('full')
+    dims = supernet.block_dims[0]
+    assert attn_flops(dims, 'conv3x3') > attn_flops(dims, 'msa', 1)
+    assert all(a.conv3x3_left_out for a in supernet.attn_slots)
+    assert not any(a.conv3x3_left_out for a in head_supernet('spvit')[0].attn_slots)
+    f1, fm = attn_flops(dims, 'conv1x1'), attn_flops(dims, 'msa')
+    costs = supernet.gate_costs()[0] * supernet.original_flops
+    assert costs.tolist() == pytest.approx([f1, 0, fm - f1], rel=1e-6)
+    randomize_batchnorm(supernet)
+    for a, logits in zip(supernet.attn_slots, ([1., 1., -1.], [1., -1., -1.], [1., -1., 1.], [-1., 1., 1.])):
+        a.gate_logits.data = torch.tensor(logits)
+    arch = supernet.architecture()
+    assert [b.attn for b in arch.blocks] == ['conv1x1', 'conv1x1', 'msa', 'skip']
+    assert supernet.flops().item() * 1e9 == pytest.approx(supernet.arch_flops(arch), rel=1e-6)
+    supernet.eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        gated = supernet(x)
+        supernet.pin_current()
+        assert (supernet(x) - gated).abs().max().item() <= 1e-5
+    supernet.unpin()
+    supernet.train()
+    supernet.set_gate_noise(0.)
+    supernet(x).sum().backward()
+    assert all(a.gate_logits.grad[1] == 0 for a in supernet.attn_slots)
