@@ -86,8 +86,8 @@ def gated_block_flops(b: BlockDims, attn_gates: torch.Tensor, mlp_gates: torch.T
 
     F_attn = I1 F_c1 + I2 (F_c3 - F_c1) + I3 (F_msa - F_c3) with I = cumprod(g); with head gates
     F_msa = F_msa(one head) * (sum(head gates) + prod(1 - head gates)): msa keeps at least one head
-    (the architecture keeps the one of highest logit), so closing the last one saves nothing. Without ``conv3x3`` (left out of the block's
-    choices, its state computes conv1x1) F_c3 = F_c1.
+    (the architecture keeps the one of highest logit), so closing the last one saves nothing.
+    Without ``conv3x3`` (left out of the block's choices, its state computes conv1x1) F_c3 = F_c1.
     """
     i = torch.cumprod(attn_gates, 0)
     f1 = _conv1x1(b)

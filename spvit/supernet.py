@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from .arch import ATTN_OPS, Architecture, BlockArch
 from .errors import ArchitectureError, UnsupportedModelError
-from .families import family_of
+from .families import check_model
 from .flops import BlockDims, arch_flops, attn_flops, gated_block_flops, measure_flops, mlp_flops, msa_block_flops
 from .gates import deterministic_gates, hold_conv3x3_open, penalty_attention_gates
 from .hybrid import classifies_from_prefix_tokens
@@ -86,6 +86,9 @@ class SuperNet(nn.Module):
         self.fixed_flops = int(fixed_flops)
         self.input_size = tuple(input_size)
         self._slots = tuple(slots)
+        # the blocks that leave conv3x3 out, on the gates' device, so the op projections need no copy
+        self.register_buffer('conv3x3_held', torch.tensor([a.conv3x3_left_out for a, _ in self._slots]),
+                             persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
@@ -211,16 +214,13 @@ class SuperNet(nn.Module):
     def _op_logits(self) -> torch.Tensor:
         """(blocks, 3); the conv3x3 gate of a block that leaves conv3x3 out reads as open."""
         logits = torch.stack([a.gate_logits.detach() for a in self.attn_slots])
-        held = self._conv3x3_held(logits.device)
+        held = self.conv3x3_held
         return torch.where(held[:, None] & (torch.arange(3, device=logits.device) == 1), logits.abs() + 1, logits)
-
-    def _conv3x3_held(self, device: torch.device) -> torch.Tensor:
-        return torch.tensor([a.conv3x3_left_out for a in self.attn_slots], device=device)
 
     def _levels(self, logits: torch.Tensor) -> torch.Tensor:
         """Op index per block; the conv3x3 state of a block that leaves conv3x3 out is conv1x1."""
         levels = torch.cumprod((logits > 0).long(), 1).sum(1)
-        return torch.where(self._conv3x3_held(logits.device) & (levels == 2), 1, levels)
+        return torch.where(self.conv3x3_held & (levels == 2), 1, levels)
 
     def op_levels(self) -> torch.Tensor:
         """Each block's op under the deterministic gates, as its index in ATTN_OPS (on the device)."""
@@ -231,7 +231,7 @@ class SuperNet(nn.Module):
         whose op rose over it: a projection that lets ops only move down. No host sync."""
         logits = self._op_logits()
         over = self._levels(logits) > ceiling
-        gate = torch.where(self._conv3x3_held(logits.device) & (ceiling == 1), 2, ceiling)    # the held gate cannot close
+        gate = torch.where(self.conv3x3_held & (ceiling == 1), 2, ceiling)    # the held gate cannot close
         close = over[:, None] & (torch.arange(logits.shape[1], device=logits.device) == gate[:, None])
         fixed = torch.where(close, logits.clamp(max=-1e-3), logits)
         with torch.no_grad():
@@ -329,8 +329,7 @@ def attach_search_space(
     if search_space not in SEARCH_SPACES:
         raise ValueError(f'unknown search space {search_space!r}; expected one of {", ".join(SEARCH_SPACES)}')
     space = SEARCH_SPACES[search_space]
-    family = family_of(model)
-    family.check(model)
+    family = check_model(model)
     if model_name is None:
         model_name = (getattr(model, 'pretrained_cfg', None) or {}).get('architecture')
         if not model_name:
