@@ -16,7 +16,7 @@ _EXPORTS = {
     'ArchitectureError': 'errors', 'CheckpointError': 'errors', 'SpvitError': 'errors',
     'UnsupportedModelError': 'errors',
     'BlockDims': 'flops', 'measure_flops': 'flops',
-    'build_from_arch': 'export', 'export_search': 'export', 'export_supernet': 'export', 'to_hybrid': 'export',
+    'build_from_arch': 'export', 'export_search': 'export', 'export_supernet': 'export', 'to_pruned': 'export',
     'PrunedModel': 'pruned', 'load_pruned': 'pruned', 'read_pruned': 'pruned',
     'SuperNet': 'supernet', 'attach_search_space': 'supernet',
     'FAMILIES': 'families', 'Family': 'families', 'family_of': 'families', 'register_family': 'families',

@@ -1,4 +1,4 @@
-"""An architecture's hybrid model beside the unmodified timm model it came from: what the FLOP
+"""An architecture's pruned model beside the unmodified timm model it came from: what the FLOP
 report and the latency benchmark compare."""
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from .families import check_model, family_of
 class ModelPair:
     arch: Architecture
     original: nn.Module     # the unmodified timm model (random init unless it came with weights)
-    model: nn.Module        # the hybrid model of ``arch`` (``original`` itself for an all-msa arch)
+    model: nn.Module        # the pruned model of ``arch`` (``original`` itself for an all-msa arch)
 
     @property
     def input_size(self) -> Tuple[int, int, int]:

@@ -1,4 +1,4 @@
-"""tools/eval.py: accuracy, speed, FLOPs and parameters of an exported model or a timm baseline."""
+"""tools/eval.py: accuracy, speed, FLOPs and parameters of a pruned model or a timm baseline."""
 from __future__ import annotations
 
 import json

@@ -1,6 +1,6 @@
-"""Export: a pinned supernet becomes a plain hybrid timm model with the same eval logits.
+"""Export: a pinned supernet becomes the pruned model, a plain timm model, with the same eval logits.
 
-The exported model is built the way ``load_pruned`` builds it (a fresh timm model given the
+The pruned model is built the way ``load_pruned`` builds it (a fresh timm model given the
 architecture's structure by ``hybridize``) and filled by a strict ``load_state_dict`` of weights
 computed from the supernet, so an export and a reload can never differ in structure.
 """
@@ -78,9 +78,9 @@ def _mlp_state(slot: MlpSlot, kept: Tensor) -> Dict[str, Tensor]:
     return state
 
 
-def hybrid_state_dict(supernet: SuperNet, arch: Architecture, kept: Sequence[Tensor]) -> Dict[str, Tensor]:
-    """The exported model's state dict: the supernet's own weights outside the slots (less the
-    attention pre-norm of skipped blocks, which the hybrid drops), and each slot's exported weights
+def pruned_state_dict(supernet: SuperNet, arch: Architecture, kept: Sequence[Tensor]) -> Dict[str, Tensor]:
+    """The pruned model's state dict: the supernet's own weights outside the slots (less the
+    attention pre-norm of skipped blocks, which the pruned model drops), and each slot's exported weights
     under the slot's name."""
     names = {id(m): n for n, m in supernet.model.named_modules()}
     dropped = [names[id(s)] + '.' for pair in zip(supernet.attn_slots, supernet.mlp_slots) for s in pair]
@@ -93,13 +93,13 @@ def hybrid_state_dict(supernet: SuperNet, arch: Architecture, kept: Sequence[Ten
     return state
 
 
-def to_hybrid(supernet: SuperNet) -> nn.Module:
-    """The pinned supernet as a plain hybrid timm model (eval mode) computing the same eval logits."""
+def to_pruned(supernet: SuperNet) -> nn.Module:
+    """The pinned supernet as the pruned model (a plain timm model, eval mode) computing the same eval logits."""
     if not supernet.pinned:
         raise ArchitectureError('the supernet has no pinned architecture: call supernet.pin(...) before exporting')
     arch, kept = supernet.architecture(), supernet.kept_units()
     model = hybridize(create_model(supernet.model_name, supernet.model_kwargs), arch)
-    model.load_state_dict(hybrid_state_dict(supernet, arch, kept))
+    model.load_state_dict(pruned_state_dict(supernet, arch, kept))
     param = next(supernet.parameters())
     return model.to(device=param.device, dtype=param.dtype).eval()
 
@@ -112,7 +112,7 @@ def export_supernet(
         exported_from: str = 'supernet',
 ) -> PrunedModel:
     """Export a pinned supernet together with what its checkpoint records (data config, provenance)."""
-    model = to_hybrid(supernet)
+    model = to_pruned(supernet)
     arch = supernet.architecture()
     provenance = {
         'exported_from': exported_from,
@@ -180,5 +180,5 @@ def export_search(path: str) -> PrunedModel:
     return exported
 
 
-__all__ = ['ATTENTION_EXPORTERS', 'hybrid_state_dict', 'to_hybrid', 'export_supernet', 'build_from_arch',
+__all__ = ['ATTENTION_EXPORTERS', 'pruned_state_dict', 'to_pruned', 'export_supernet', 'build_from_arch',
            'export_search']

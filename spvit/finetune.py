@@ -1,4 +1,4 @@
-"""Fine-tuning an exported hybrid model (or an unpruned timm baseline), optionally distilled.
+"""Fine-tuning a pruned model (or an unpruned timm baseline), optionally distilled.
 
 DeiT's recipe through timm (AdamW, cosine with warm-up, mixup/cutmix, label smoothing, EMA, AMP,
 clipping) on the shared ``Trainer`` loop. Distillation uses timm's tasks: ``LogitDistillationTask``
@@ -80,7 +80,7 @@ class FinetuneTrainer(Trainer):
             self.provenance = {'source': {'pretrained': cfg.pretrained, 'checkpoint': cfg.checkpoint}}
             recorded = None
         data_config = D.data_config(model, None, cfg.crop_pct, cfg.interpolation, cfg.mean, cfg.std)
-        if recorded:   # the exported model's own preprocessing, unless flags say otherwise
+        if recorded:   # the pruned model's own preprocessing, unless flags say otherwise
             for key in ('interpolation', 'mean', 'std', 'crop_pct'):
                 if getattr(cfg, key) is None and key in recorded:
                     data_config[key] = recorded[key]

@@ -1,4 +1,4 @@
-"""The plain modules an exported model is made of besides timm's: what a block's attention becomes
+"""The plain modules a pruned model is made of besides timm's: what a block's attention becomes
 when it turns into a convolution, is skipped, or keeps only some of its heads. No search code."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The pruned checkpoint: one file that rebuilds the exported hybrid model without search code.
+"""The pruned checkpoint: one file that rebuilds the pruned model without search code.
 
 Format (``torch.load(weights_only=True)``)::
 
@@ -6,7 +6,7 @@ Format (``torch.load(weights_only=True)``)::
      'model_name': str, 'model_kwargs': dict,      # what timm.create_model gets
      'arch': Architecture.to_dict(),               # per block attention op and MLP width
      'kept': [LongTensor per block],               # which original hidden units were kept
-     'state_dict': {...},                          # the hybrid model's weights
+     'state_dict': {...},                          # the pruned model's weights
      'data_config': {'input_size', 'mean', 'std', 'interpolation', 'crop_pct', ...},
      'classes': [str, ...] or None,                # class names of the search's data, index = label
      'provenance': {'exported_from', 'source', 'target_gflops', 'achieved_gflops', 'original_gflops', ...}}
@@ -44,7 +44,7 @@ def plain_data_config(config: Dict[str, Any]) -> Dict[str, Any]:
 
 @dataclass
 class PrunedModel:
-    """An exported hybrid model and what its checkpoint records about it."""
+    """An pruned model and what its checkpoint records about it."""
     model: nn.Module
     arch: Architecture
     kept: Optional[List[torch.Tensor]] = None
@@ -117,7 +117,7 @@ REQUIRED_KEYS = ('model_name', 'model_kwargs', 'arch', 'state_dict')
 
 
 def read_pruned(path: str, device: Optional[torch.device | str] = None) -> PrunedModel:
-    """Rebuild the hybrid model of a pruned checkpoint (``.pth`` or the ``.safetensors`` export)
+    """Rebuild the pruned model of a pruned checkpoint (``.pth`` or the ``.safetensors`` export)
     with what the file records about it."""
     ckpt = _read_safetensors(path) if path.endswith('.safetensors') else load_file(path, PRUNED_FORMAT)
     version = ckpt.get('version')
@@ -151,7 +151,7 @@ def read_pruned(path: str, device: Optional[torch.device | str] = None) -> Prune
 
 
 def load_pruned(path: str, device: Optional[torch.device | str] = None) -> nn.Module:
-    """The eval-ready hybrid model of a pruned checkpoint, in one call."""
+    """The eval-ready pruned model of a pruned checkpoint, in one call."""
     return read_pruned(path, device).model
 
 

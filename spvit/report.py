@@ -1,4 +1,4 @@
-"""FLOP and parameter reports of an exported model: fvcore on the real modules, attention
+"""FLOP and parameter reports of a pruned model: fvcore on the real modules, attention
 included, with the method's analytic figure beside it (they agree within 0.5%)."""
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """The supernet: a timm model whose blocks carry weight-shared, gated search slots.
 
 Data flows one way: pretrained timm model -> ``attach_search_space`` -> ``SuperNet`` (search) ->
-``Architecture`` + kept units -> exported hybrid model. What differs between model families (where
+``Architecture`` + kept units -> pruned model. What differs between model families (where
 the blocks are, what their FLOPs depend on, which slots attach) is in ``spvit.families``.
 """
 from __future__ import annotations

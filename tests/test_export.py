@@ -1,4 +1,4 @@
-"""Export: the hybrid model computes what the pinned supernet computes, with plain modules only,
+"""Export: the pruned model computes what the pinned supernet computes, with plain modules only,
 and survives tracing, torch.export, timm's feature API and a round trip through its file."""
 import ast
 import os
@@ -15,7 +15,7 @@ import spvit
 from spvit.arch import Architecture, BlockArch
 from spvit.checkpoint import atomic_save
 from spvit.errors import ArchitectureError, CheckpointError
-from spvit.export import build_from_arch, export_search, export_supernet, to_hybrid
+from spvit.export import build_from_arch, export_search, export_supernet, to_pruned
 from spvit.flops import measure_flops
 from spvit.hybrid import ConvAttention, HeadAttention, NoAttention
 from spvit.pruned import PRUNED_FORMAT, load_pruned, read_pruned
@@ -44,7 +44,7 @@ def case(request):
     supernet.eval()
     x = torch.randn(2, *supernet.input_size, generator=torch.Generator().manual_seed(seed))
     return SimpleNamespace(name=name, kwargs=kwargs, supernet=supernet, original=original, arch=arch, kept=kept,
-                           model=to_hybrid(supernet), x=x)
+                           model=to_pruned(supernet), x=x)
 
 
 def test_logits_equal_pinned_supernet(case):
@@ -200,7 +200,7 @@ def test_build_from_arch_uses_original_weights(tmp_path):
 def test_unpinned_supernet_is_refused(small_supernet):
     supernet, _ = small_supernet
     with pytest.raises(ArchitectureError, match='no pinned architecture'):
-        to_hybrid(supernet)
+        to_pruned(supernet)
 
 
 def test_pruned_file_that_does_not_fit(tmp_path, small_supernet):
@@ -234,12 +234,12 @@ def test_every_exported_parameter_is_used():
     """What DDP needs of a fine-tuned hybrid (and what 'the parameter count is what inference uses'
     means): every parameter gets a gradient, also in skipped blocks (their pre-norm is gone)."""
     from helpers import supernet_and_original
-    from spvit.export import to_hybrid
+    from spvit.export import to_pruned
     supernet, _ = supernet_and_original('vit_tiny_patch16_224', **SMALL)
     arch, kept = random_arch(supernet, 0)
     assert 'skip' in {b.attn for b in arch.blocks}
     supernet.pin(arch, kept)
-    model = to_hybrid(supernet).train()
+    model = to_pruned(supernet).train()
     model(torch.randn(2, 3, 32, 32)).sum().backward()
     unused = [n for n, p in model.named_parameters() if p.grad is None]
     assert unused == []

@@ -1,4 +1,4 @@
-"""Latency and throughput of an exported model against the original, in one process.
+"""Latency and throughput of a pruned model against the original, in one process.
 
     python tools/benchmark.py --pruned pruned.pth
     python tools/benchmark.py --arch configs/deit_small_latency_arch.yaml
