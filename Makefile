@@ -10,7 +10,7 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 $(VENV)/.installed-test: setup.cfg pyproject.toml | $(PY)
-	$(PY) -m pip install $(PIP_FLAGS) -e '.[test]'
+	$(PY) -m pip install $(PIP_FLAGS) -e '.[test,onnx]'
 	touch $@
 
 $(VENV)/.installed-plot: setup.cfg pyproject.toml | $(PY)

@@ -7,7 +7,7 @@ import sys
 from typing import Any, Callable, Optional, Sequence, Tuple, Type, TypeVar
 
 from .config import add_config_arguments, kv_item, resolve
-from .errors import SpvitError
+from .errors import SpvitError, VerificationError
 
 T = TypeVar('T')
 
@@ -29,7 +29,7 @@ def run(main: Callable[[Optional[Sequence[str]]], Optional[int]], argv: Optional
     except SpvitError as e:
         print(f'{prog}: error: {e}', file=sys.stderr)
         sys.exit(2)
-    except TrainingError as e:
+    except (TrainingError, VerificationError) as e:
         print(f'{prog}: error: {e}', file=sys.stderr)
         sys.exit(1)
     except Interrupted as e:

@@ -171,7 +171,7 @@ def table(r: Dict[str, Any]) -> str:
     for b in sorted(lat, key=int):
         t = lat[b]
         rows.append((f'CPU latency, batch {b} (ms)', f"{t['original']['latency_ms']:.2f}",
-                     f"{t['exported']['latency_ms']:.2f}", f"{t['exported']['ratio']:.3f}x"))
+                     f"{t['pruned']['latency_ms']:.2f}", f"{t['pruned']['ratio']:.3f}x"))
     width = max(len(r[0]) for r in rows)
     lines = [f"{'':{width}}  {'original':>10}  {'pruned':>10}  {'change':>8}"]
     lines += [f'{a:{width}}  {b:>10}  {c:>10}  {d:>8}' for a, b, c, d in rows]

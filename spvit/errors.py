@@ -15,3 +15,7 @@ class ArchitectureError(SpvitError):
 
 class CheckpointError(SpvitError):
     """A checkpoint is missing, unreadable or does not fit the model."""
+
+
+class VerificationError(Exception):
+    """A run finished but its result failed a check (e.g. ONNX parity): exit code 1, one line."""

@@ -16,6 +16,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights
 from .arch import Architecture
 from .checkpoint import SEARCH_FORMAT, load_file, supernet_from_record
 from .errors import ArchitectureError, CheckpointError
+from .families import family_of
 from .hybrid import check_token_path, hybridize, mlp_widths
 from .models import create_model
 from .pruned import PrunedModel, plain_data_config
@@ -121,9 +122,9 @@ def export_supernet(
         'achieved_gflops': supernet.arch_flops(arch) / 1e9,
         'original_gflops': supernet.original_flops / 1e9,
     }
-    if data_config is None:
+    if data_config is None:         # timm's pretrained config, at the input size the model was built for
         from timm.data import resolve_model_data_config
-        data_config = resolve_model_data_config(model)
+        data_config = {**resolve_model_data_config(model), 'input_size': family_of(model).input_size(model)}
     return PrunedModel(model, arch, [k.cpu() for k in supernet.kept_units()], plain_data_config(data_config), provenance)
 
 

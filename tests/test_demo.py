@@ -55,7 +55,7 @@ def test_writes_an_imagenet_style_folder(tmp_path):
 def test_table():
     r = {'original': {'top1': 80.0, 'gflops': 0.05, 'params': 500000},
          'pruned': {'top1': 79.5, 'gflops': 0.03, 'params': 400000},
-         'latency': {'batches': {'1': {'original': {'latency_ms': 2.0}, 'exported': {'latency_ms': 1.5, 'ratio': 0.75}}}},
+         'latency': {'batches': {'1': {'original': {'latency_ms': 2.0}, 'pruned': {'latency_ms': 1.5, 'ratio': 0.75}}}},
          'minutes': 9.5}
     text = table(r)
     assert '-0.50' in text and '0.600x' in text and '0.750x' in text and '9.5 min' in text

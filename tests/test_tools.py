@@ -82,17 +82,21 @@ def test_flops_table(files):
 
 
 @pytest.mark.slow
-def test_benchmark(files):
+@pytest.mark.parametrize('runtime', ['torch', 'onnxruntime'])
+def test_benchmark(files, runtime):
+    ort = ['--runtime', 'onnxruntime', '--int8'] if runtime == 'onnxruntime' else []
     out = tool('benchmark.py', '--pruned', files['pruned'], '--batch-sizes', 1, 2, '--runs', 2, '--warmup', 1,
-               '--threads', 1, '--device', 'cpu')
-    rows = re.findall(r'^\s+(\d+)\s+(original|exported)\s+([\d.]+)\s+([\d.]+)\s+2\s*([\d.]*)$', out, re.M)
-    assert [(r[0], r[1]) for r in rows] == [('1', 'original'), ('1', 'exported'), ('2', 'original'), ('2', 'exported')]
-    for batch, name, ms, ips, ratio in rows:
+               '--threads', 1, '--device', 'cpu', *ort)
+    rows = re.findall(r'^\s+(\d+)\s+([a-z0-9-]+)\s+([\d.]+)\s+([\d.]+)\s+2\s*(?:([\d.]+) to ([a-z-]+))?$', out, re.M)
+    names = ['original', 'pruned'] + (['original-ort', 'pruned-ort', 'pruned-int8'] if ort else [])
+    assert [(r[0], r[1]) for r in rows] == [(b, n) for b in ('1', '2') for n in names]
+    references = {'pruned': 'original', 'pruned-ort': 'original-ort', 'pruned-int8': 'pruned-ort'}
+    for batch, name, ms, ips, ratio, reference in rows:
         assert float(ips) == pytest.approx(int(batch) / float(ms) * 1e3, rel=0.01)
-        assert (ratio != '') == (name == 'exported')
+        assert reference == references.get(name, '') and (ratio != '') == (name in references)
     measured = measure_flops(spvit.load_pruned(str(files['pruned'])), (3, 32, 32))[0]
     original = measure_flops(timm.create_model('vit_tiny_patch16_224', **SMALL), (3, 32, 32))[0]
-    assert f'FLOPs ratio exported/original: {measured / original:.3f}' in out
+    assert f'FLOPs ratio pruned/original: {measured / original:.3f}' in out
 
 
 @pytest.mark.slow
