@@ -10,7 +10,8 @@ from spvit.families import FAMILIES, check_model
 from spvit.models import create_model
 from spvit.slots import EvaAttentionSlot, GluMlpSlot
 
-from helpers import QKV_BIASES, build, randomize_batchnorm, randomize_mixing, supernet_and_original
+from helpers import (QKV_BIASES, build, random_arch, randomize_batchnorm, randomize_mixing, set_gates,
+                     supernet_and_original)
 
 EXAMPLES = FAMILIES['eva'].examples
 TINY = dict(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=4)
@@ -149,3 +150,29 @@ def test_glu_mlp_flops_are_three_projections():
     _, by_module = measure_flops(original, supernet.input_size)
     b = supernet.block_dims[0]
     assert b.glu and by_module['blocks.0.mlp'] == mlp_flops(b, b.hidden) == 3 * b.tokens * b.dim * b.hidden
+
+
+@pytest.mark.parametrize('fused', [True, False])
+def test_without_qkv_bias_kept_heads_export_exactly(fused, tmp_path):
+    """qkv_bias=False (DINOv3): no q/v biases, so the conv ops have no value bias; kept heads of
+    the fused and the unfused projections export and reload as the pinned supernet computes."""
+    from spvit.export import export_supernet
+    from spvit.flops import measure_flops
+    kwargs = dict(TINY, depth=4, head_init_scale=1.0, qkv_bias=False, qkv_fused=fused)
+    supernet, _ = supernet_and_original('eva02_tiny_patch14_224', **kwargs)
+    assert supernet.attn_slots[0].value_projection()[1] is None
+    arch, kept = random_arch(supernet, 1, heads=True)
+    assert any(b.heads for b in arch.blocks)
+    randomize_batchnorm(supernet, 1)
+    set_gates(supernet, arch, kept)
+    supernet.eval()
+    supernet.pin(arch, kept)
+    x = torch.randn(2, 3, 32, 32)
+    exported = export_supernet(supernet)
+    path = str(tmp_path / 'pruned.pth')
+    exported.save(path)
+    loaded = spvit.load_pruned(path)
+    with torch.no_grad():
+        assert (loaded.forward_features(x) - supernet.model.forward_features(x)).abs().max() <= 1e-5
+    measured, _ = measure_flops(loaded, supernet.input_size)
+    assert abs(measured - supernet.arch_flops(arch)) / measured < 0.005
