@@ -20,7 +20,7 @@ from .families import family_of
 from .hybrid import check_token_path, hybridize, mlp_widths
 from .models import create_model
 from .pruned import PrunedModel, plain_data_config
-from .slots import AttentionSlot, MlpSlot
+from .slots import AttentionSlot
 from .supernet import SuperNet, attach_search_space
 
 Tensor = torch.Tensor
@@ -28,18 +28,28 @@ Tensor = torch.Tensor
 SEARCH_ONLY = ('head_assign', 'gate_logits', 'head_logits', 'bn1.', 'bn3.')
 
 
+# how the kept heads of msa slice each key of an attention's state: the rows of the stacked q/k/v
+# projection, the channels of one of q/k/v or of the output projection's input, or the heads
+_ROWS = ('qkv.weight', 'qkv.bias')
+_CHANNELS = {'proj.weight': 1, 'q_bias': 0, 'v_bias': 0, 'q_proj.weight': 0, 'q_proj.bias': 0, 'k_proj.weight': 0,
+             'v_proj.weight': 0, 'v_proj.bias': 0}
+_HEADS = {'relative_position_bias_table': 1}
+
+
 def _msa_state(slot: AttentionSlot) -> Dict[str, Tensor]:
-    """The original attention's weights (and Swin's relative position bias table), without what
-    the search added; of the kept heads only, if the slot keeps some."""
+    """The original attention's weights (Swin's relative position bias table, Eva's q/v biases or
+    separate projections), without what the search added; of the kept heads only, if the slot
+    keeps some."""
     state = {k: v.detach() for k, v in slot.state_dict().items() if not k.startswith(SEARCH_ONLY)}
     if slot.pinned_heads is not None:
         rows, cols = slot.head_channels(slot.pinned_heads)
-        state['qkv.weight'] = state['qkv.weight'][rows]
-        if 'qkv.bias' in state:
-            state['qkv.bias'] = state['qkv.bias'][rows]
-        state['proj.weight'] = state['proj.weight'][:, cols]
-        if 'relative_position_bias_table' in state:
-            state['relative_position_bias_table'] = state['relative_position_bias_table'][:, slot.pinned_heads]
+        for k in state:
+            if k in _ROWS:
+                state[k] = state[k][rows]
+            elif k in _CHANNELS:
+                state[k] = state[k].index_select(_CHANNELS[k], cols)
+            elif k in _HEADS:
+                state[k] = state[k].index_select(_HEADS[k], slot.pinned_heads)
     return state
 
 
@@ -52,7 +62,7 @@ def _conv_state(op: str, slot: AttentionSlot) -> Dict[str, Tensor]:
         weight, bias, out_w, bn = slot.conv_weights(op, torch.float64)
         weight, bias = fuse_conv_bn_weights(weight, bias, bn.running_mean.to(**f64), bn.running_var.to(**f64), bn.eps,
                                             bn.weight.to(**f64), bn.bias.to(**f64))
-    dtype = slot.qkv.weight.dtype
+    dtype = slot.proj.weight.dtype
     state = {'conv.weight': weight.detach().to(dtype), 'conv.bias': bias.detach().to(dtype), 'proj.weight': out_w.to(dtype)}
     if slot.proj.bias is not None:
         state['proj.bias'] = slot.proj.bias.detach()
@@ -68,17 +78,6 @@ ATTENTION_EXPORTERS: Dict[str, Callable[[AttentionSlot], Dict[str, Tensor]]] = {
 }
 
 
-def _mlp_state(slot: MlpSlot, kept: Tensor) -> Dict[str, Tensor]:
-    """fc1 rows and fc2 columns of the kept hidden units."""
-    kept = kept.to(slot.fc1.weight.device)
-    state = {'fc1.weight': slot.fc1.weight.detach()[kept], 'fc2.weight': slot.fc2.weight.detach()[:, kept]}
-    if slot.fc1.bias is not None:
-        state['fc1.bias'] = slot.fc1.bias.detach()[kept]
-    if slot.fc2.bias is not None:
-        state['fc2.bias'] = slot.fc2.bias.detach()
-    return state
-
-
 def pruned_state_dict(supernet: SuperNet, arch: Architecture, kept: Sequence[Tensor]) -> Dict[str, Tensor]:
     """The pruned model's state dict: the supernet's own weights outside the slots (less the
     attention pre-norm of skipped blocks, which the pruned model drops), and each slot's exported weights
@@ -90,7 +89,7 @@ def pruned_state_dict(supernet: SuperNet, arch: Architecture, kept: Sequence[Ten
     state = {k: v.detach() for k, v in supernet.model.state_dict().items() if not k.startswith(tuple(dropped))}
     for b, a, m, idx in zip(arch.blocks, supernet.attn_slots, supernet.mlp_slots, kept):
         state.update({f'{names[id(a)]}.{k}': v for k, v in ATTENTION_EXPORTERS[b.attn](a).items()})
-        state.update({f'{names[id(m)]}.{k}': v for k, v in _mlp_state(m, idx).items()})
+        state.update({f'{names[id(m)]}.{k}': v for k, v in m.kept_state(idx).items()})
     return state
 
 
@@ -136,7 +135,7 @@ def build_from_arch(
 ) -> PrunedModel:
     """An architecture built straight from original weights (random init without ``checkpoint``):
     conv ops start from uniform head mixing and fresh BatchNorm, and each MLP keeps the units with
-    the largest |fc1 row| * |fc2 column|."""
+    the largest |fc1 row| * |fc2 column| (a GLU's two input rows both counted)."""
     if arch.model != model_name:
         raise ArchitectureError(f'architecture is for model {arch.model!r}, not {model_name!r}')
     model_kwargs = dict(model_kwargs or {})

@@ -30,6 +30,7 @@ class BlockDims:
     hidden: int       # full MLP width
     windows: int = 1
     qk_norm: bool = False     # msa normalises q and k (timm's qk_norm=True)
+    glu: bool = False         # gated-linear-unit MLP: a hidden unit has two input rows (gate and value)
 
     @property
     def head_dim(self) -> int:
@@ -72,7 +73,8 @@ def block_attn_flops(b: BlockDims, block: BlockArch) -> int:
 
 
 def mlp_flops(b: BlockDims, hidden: int) -> int:
-    return b.windows * 2 * b.tokens * b.dim * hidden
+    """fc1 and fc2 (and a GLU's second input projection); fvcore counts no elementwise product."""
+    return b.windows * (3 if b.glu else 2) * b.tokens * b.dim * hidden
 
 
 def arch_flops(dims: Sequence[BlockDims], fixed: int, arch: Architecture) -> int:

@@ -12,14 +12,14 @@ import torch.nn as nn
 
 from .arch import Architecture
 from .errors import ArchitectureError, UnsupportedModelError
-from .families import Layout, family_of
-from .layers import ConvAttention, HeadAttention, NoAttention
+from .families import Layout, family_of, mlp_hidden
+from .layers import ConvAttention, EvaHeadAttention, HeadAttention, NoAttention
 
 
 def _conv_builder(kernel_size: int) -> Callable[..., nn.Module]:
     def build(attn: nn.Module, grid_size: Tuple[int, int], num_prefix_tokens: int) -> nn.Module:
         w = attn.proj.weight
-        head_dim = attn.qkv.out_features // (3 * attn.num_heads)
+        head_dim = attn.proj.in_features // attn.num_heads
         return ConvAttention(attn.proj.out_features, head_dim, kernel_size, grid_size, num_prefix_tokens,
                              proj_bias=attn.proj.bias is not None, proj_drop=attn.proj_drop.p,
                              device=w.device, dtype=w.dtype)
@@ -36,10 +36,16 @@ ATTENTION_BUILDERS: Dict[str, Callable[[nn.Module, Tuple[int, int], int], nn.Mod
 
 
 def prune_mlp(mlp: nn.Module, hidden: int) -> nn.Module:
-    """Shrink a timm ``Mlp`` to ``hidden`` units, in place (new fc1/fc2 of that width, random init)."""
-    fc1, fc2 = mlp.fc1, mlp.fc2
-    dd = {'device': fc1.weight.device, 'dtype': fc1.weight.dtype}
-    mlp.fc1 = nn.Linear(fc1.in_features, hidden, bias=fc1.bias is not None, **dd)
+    """Shrink a timm ``Mlp``, ``GluMlp`` (its fc1 packs a gate and a value row per unit) or ``SwiGLU``
+    (fc1_g, fc1_x) to ``hidden`` units, in place (new input projections and fc2 of that width,
+    random init)."""
+    fc2 = mlp.fc2
+    dd = {'device': fc2.weight.device, 'dtype': fc2.weight.dtype}
+    for name in ('fc1', 'fc1_g', 'fc1_x'):
+        fc = getattr(mlp, name, None)
+        if fc is not None:
+            rows_per_unit = fc.out_features // fc2.in_features
+            setattr(mlp, name, nn.Linear(fc.in_features, rows_per_unit * hidden, bias=fc.bias is not None, **dd))
     mlp.fc2 = nn.Linear(hidden, fc2.out_features, bias=fc2.bias is not None, **dd)
     return mlp
 
@@ -52,7 +58,7 @@ def layout(model: nn.Module) -> Layout:
 
 def mlp_widths(model: nn.Module) -> List[int]:
     """Each block's MLP hidden width (the full widths of an unmodified model)."""
-    return [blk.mlp.fc1.out_features for blk, _, _ in layout(model)]
+    return [mlp_hidden(blk.mlp) for blk, _, _ in layout(model)]
 
 
 def classifies_from_prefix_tokens(model: nn.Module) -> bool:
@@ -77,7 +83,7 @@ def hybridize(model: nn.Module, arch: Architecture) -> nn.Module:
     replaced parts are random; the exporter and ``load_pruned`` fill them from a state dict."""
     family = family_of(model)
     blocks = family.layout(model)
-    arch.validate([blk.mlp.fc1.out_features for blk, _, _ in blocks],
+    arch.validate([mlp_hidden(blk.mlp) for blk, _, _ in blocks],
                   max_heads=[blk.attn.num_heads for blk, _, _ in blocks])
     check_token_path(model, arch)
     for i, ((blk, grid, npt), b) in enumerate(zip(blocks, arch.blocks)):
@@ -88,10 +94,10 @@ def hybridize(model: nn.Module, arch: Architecture) -> nn.Module:
             blk.attn = family.keep_heads(blk.attn, len(b.heads))
         if b.attn == 'skip':        # the whole attention branch goes, its pre-norm too
             blk.norm1 = nn.Identity()
-        if b.mlp_hidden != blk.mlp.fc1.out_features:
+        if b.mlp_hidden != mlp_hidden(blk.mlp):
             prune_mlp(blk.mlp, b.mlp_hidden)
     return model
 
 
-__all__ = ['ConvAttention', 'NoAttention', 'HeadAttention', 'ATTENTION_BUILDERS', 'prune_mlp',
+__all__ = ['ConvAttention', 'NoAttention', 'HeadAttention', 'EvaHeadAttention', 'ATTENTION_BUILDERS', 'prune_mlp',
            'mlp_widths', 'layout', 'hybridize', 'classifies_from_prefix_tokens', 'check_token_path']

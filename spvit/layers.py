@@ -7,6 +7,15 @@ from typing import Optional, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.layers import apply_rot_embed_cat
+from timm.models.eva import EvaAttention
+
+
+def rotate_patch_tokens(t: torch.Tensor, rope: torch.Tensor, num_prefix_tokens: int, half: bool) -> torch.Tensor:
+    """RoPE on the patch tokens of q or k (B, heads, N, hd) as timm's ``EvaAttention`` applies it:
+    the prefix tokens have no grid position and stay as they are."""
+    rotated = apply_rot_embed_cat(t[:, :, num_prefix_tokens:], rope, half=half)
+    return torch.cat([t[:, :, :num_prefix_tokens], rotated], dim=2).type_as(t)
 
 
 class ConvAttention(nn.Module):
@@ -15,8 +24,9 @@ class ConvAttention(nn.Module):
 
     Prefix tokens (class, distillation, register) have no grid position: they get a zero update,
     as in the search. In a Swin block the tokens are one window (no prefix tokens) and the conv
-    pads at the window border. ``attn_mask``/``is_causal`` (ViT) and ``mask`` (Swin's shift mask)
-    are accepted because timm's blocks pass them; a conv has nothing to mask.
+    pads at the window border. ``attn_mask``/``is_causal`` (ViT), ``mask`` (Swin's shift mask) and
+    ``rope`` (Eva) are accepted because timm's blocks pass them; a conv has nothing to mask and
+    reads its positions from the grid.
     """
 
     def __init__(
@@ -45,7 +55,7 @@ class ConvAttention(nn.Module):
         return f'grid={self.grid_size}, prefix_tokens={self.num_prefix_tokens}'
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False,
-                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                mask: Optional[torch.Tensor] = None, rope: Optional[torch.Tensor] = None) -> torch.Tensor:
         B, N, C = x.shape
         H, W = self.grid_size
         patches = x[:, self.num_prefix_tokens:]
@@ -65,7 +75,7 @@ class NoAttention(nn.Module):
     """A skipped attention: the branch adds zero, so the block keeps only its residual (and MLP)."""
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False,
-                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                mask: Optional[torch.Tensor] = None, rope: Optional[torch.Tensor] = None) -> torch.Tensor:
         return torch.zeros_like(x)
 
 
@@ -107,6 +117,32 @@ class HeadAttention(nn.Module):
         B, N, _ = x.shape
         q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                                           dropout_p=self.attn_drop.p if self.training else 0.)
+        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, -1)))
+
+
+class EvaHeadAttention(EvaAttention):
+    """timm ``EvaAttention`` over ``num_heads`` heads of ``attn_head_dim`` each, whatever the model
+    width: what it becomes when some heads are pruned (timm's forward reshapes the heads' output to
+    the input width, which fewer heads do not fill). Same parameters and state-dict keys (fused qkv
+    with q/v biases, or q/k/v projections), same RoPE on the patch tokens. Inner norm and gated
+    attention are not supported (the family refuses them)."""
+
+    def forward(self, x: torch.Tensor, rope: Optional[torch.Tensor] = None, attn_mask: Optional[torch.Tensor] = None,
+                is_causal: bool = False) -> torch.Tensor:
+        B, N, _ = x.shape
+        if self.qkv is not None:
+            bias = None if self.q_bias is None else torch.cat((self.q_bias, self.k_bias, self.v_bias))
+            qkv = F.linear(x, self.qkv.weight, bias).reshape(B, N, 3, self.num_heads, self.head_dim)
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        else:
+            q, k, v = (p(x).reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2)
+                       for p in (self.q_proj, self.k_proj, self.v_proj))
+        q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q = rotate_patch_tokens(q, rope, self.num_prefix_tokens, self.rotate_half)
+            k = rotate_patch_tokens(k, rope, self.num_prefix_tokens, self.rotate_half)
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
                                            dropout_p=self.attn_drop.p if self.training else 0.)
         return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, -1)))

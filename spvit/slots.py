@@ -7,7 +7,7 @@ forward compute exactly that choice (what export produces, but still weight-shar
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from .arch import ATTN_OPS
 from .gates import attention_coefficients, attention_gates, hold_conv3x3_open, sample_gates
+from .layers import rotate_patch_tokens
 from .mixing import (CENTER, OFFSETS, border_bias, border_mask, conv3x3_weight, head_mixing, mix_heads, mix_output,
                      mix_value, shifted_sum)
 
@@ -33,7 +34,7 @@ class AttentionSlot(nn.Module):
     ) -> None:
         super().__init__()
         self.num_heads = attn.num_heads
-        self.head_dim = attn.qkv.out_features // (3 * attn.num_heads)
+        self.head_dim = attn.proj.in_features // attn.num_heads
         self.scale = attn.scale
         self.fused_attn = attn.fused_attn
         self.grid_size = tuple(grid_size)
@@ -47,7 +48,7 @@ class AttentionSlot(nn.Module):
         self.q_norm = getattr(attn, 'q_norm', None) or nn.Identity()
         self.k_norm = getattr(attn, 'k_norm', None) or nn.Identity()
         self.proj_drop = attn.proj_drop
-        dd = {'device': attn.qkv.weight.device, 'dtype': attn.qkv.weight.dtype}
+        dd = {'device': attn.proj.weight.device, 'dtype': attn.proj.weight.dtype}
         self.head_assign = nn.Parameter(torch.ones(self.num_heads, len(OFFSETS), **dd))
         self.bn1 = nn.BatchNorm1d(self.head_dim, **dd)
         self.bn3 = nn.BatchNorm1d(self.head_dim, **dd)
@@ -86,7 +87,7 @@ class AttentionSlot(nn.Module):
             raise ValueError(f'only msa keeps heads, not {op}')
         self.pinned_op = op
         self.pinned_heads = None if heads is None or len(heads) == self.num_heads else \
-            torch.as_tensor(sorted(heads), dtype=torch.long, device=self.qkv.weight.device)
+            torch.as_tensor(sorted(heads), dtype=torch.long, device=self.proj.weight.device)
 
     def head_channels(self, heads: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """The qkv rows (q, k and v parts) and the proj columns that belong to ``heads``."""
@@ -97,10 +98,39 @@ class AttentionSlot(nn.Module):
     def mixing(self) -> torch.Tensor:
         return head_mixing(self.head_assign, self.alpha)
 
+    # --- the q/k/v projection (subclasses store it differently: Eva's separate biases) ---
+
+    def qkv_weight(self) -> torch.Tensor:
+        """The (3 * width, d) weight of q, k and v stacked, whatever the attention stores."""
+        return self.qkv.weight
+
+    def qkv_bias(self) -> Optional[torch.Tensor]:
+        """The stacked q, k, v bias (None without one)."""
+        return self.qkv.bias
+
+    def _project(self, x: torch.Tensor, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """q, k and v of ``x`` (B, N, 3 * width), or only their ``rows``."""
+        if rows is None:
+            return self.qkv(x)
+        bias = self.qkv_bias()
+        return F.linear(x, self.qkv_weight()[rows], None if bias is None else bias[rows])
+
+    def value_projection(self) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """W_v (width, d) and b_v: all the conv ops read of the input side."""
+        width = self.num_heads * self.head_dim
+        bias = self.qkv_bias()
+        return self.qkv_weight()[2 * width:], None if bias is None else bias[2 * width:]
+
     # --- pieces shared by the search and the pinned forward ---
 
-    def _attend(self, q, k, v, attn_mask, is_causal, heads: Optional[torch.Tensor] = None) -> torch.Tensor:
-        q, k = self.q_norm(q), self.k_norm(k)
+    def _prepare_qk(self, q: torch.Tensor, k: torch.Tensor, rope: Optional[torch.Tensor]
+                    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """q and k as the attention scores read them: the shared q/k norms (RoPE in Eva)."""
+        return self.q_norm(q), self.k_norm(k)
+
+    def _attend(self, q, k, v, attn_mask, is_causal, heads: Optional[torch.Tensor] = None,
+                rope: Optional[torch.Tensor] = None) -> torch.Tensor:
+        q, k = self._prepare_qk(q, k, rope)
         if self.fused_attn:
             x = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=attn_mask, is_causal=is_causal,
@@ -123,13 +153,14 @@ class AttentionSlot(nn.Module):
 
     # --- forward ---
 
-    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False,
+                rope: Optional[torch.Tensor] = None) -> torch.Tensor:
         if self.pinned_op is not None:
-            return self._forward_pinned(x, attn_mask, is_causal)
+            return self._forward_pinned(x, attn_mask, is_causal, rope)
         B, N, _ = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)
+        qkv = self._project(x).reshape(B, N, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        a = self._attend(q, k, v, attn_mask, is_causal)
+        a = self._attend(q, k, v, attn_mask, is_causal, rope=rope)
         if self.head_logits is not None:      # the kept heads of msa
             hg = self.head_values if self.head_values is not None else sample_gates(self.head_logits, self.training,
                                                                                   self.gate_noise)
@@ -171,9 +202,9 @@ class AttentionSlot(nn.Module):
         H, W = self.grid_size
         vm = mix_heads(v, mix.to(v.dtype))                                          # (B, P, 9, hd)
         z3 = shifted_sum(vm.reshape(B, H, W, len(OFFSETS), hd))
-        if self.qkv.bias is not None:
-            b_v = self.qkv.bias[2 * self.num_heads * hd:].reshape(self.num_heads, hd)
-            z3 = z3 + border_bias(mix.t() @ b_v, self.border)
+        _, b_v = self.value_projection()
+        if b_v is not None:
+            z3 = z3 + border_bias(mix.t() @ b_v.reshape(self.num_heads, hd), self.border)
         return self._norm_act(z3.reshape(B, P, hd), self.bn3), self._norm_act(vm[:, :, CENTER].contiguous(), self.bn1)
 
     def conv_weights(self, op: str, dtype: Optional[torch.dtype] = None
@@ -184,30 +215,29 @@ class AttentionSlot(nn.Module):
         the two cannot differ."""
         def cast(t: torch.Tensor) -> torch.Tensor:
             return t if dtype is None else t.to(dtype)
-        dim = self.num_heads * self.head_dim
         mix = head_mixing(cast(self.head_assign), self.alpha)
-        kernels, biases = mix_value(cast(self.qkv.weight[2 * dim:]),
-                                    None if self.qkv.bias is None else cast(self.qkv.bias[2 * dim:]), mix)
+        w_v, b_v = self.value_projection()
+        kernels, biases = mix_value(cast(w_v), None if b_v is None else cast(b_v), mix)
         out_w = mix_output(cast(self.proj.weight), mix)
         if op == 'conv1x1':
             return kernels[CENTER][:, :, None, None], None if biases is None else biases[CENTER], out_w[CENTER], self.bn1
         return conv3x3_weight(kernels), None if biases is None else biases.sum(0), out_w.sum(0), self.bn3
 
-    def _forward_pinned(self, x, attn_mask, is_causal) -> torch.Tensor:
+    def _forward_pinned(self, x, attn_mask, is_causal, rope=None) -> torch.Tensor:
         op = self.pinned_op
         B, N, C = x.shape
         if op == 'skip':
             return x.new_zeros(B, N, self.proj.out_features)
         if op == 'msa' and self.pinned_heads is None:
-            qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)
+            qkv = self._project(x).reshape(B, N, 3, self.num_heads, self.head_dim)
             q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-            return self.proj_drop(self.proj(self._attend(q, k, v, attn_mask, is_causal)))
+            return self.proj_drop(self.proj(self._attend(q, k, v, attn_mask, is_causal, rope=rope)))
         if op == 'msa':
             heads = self.pinned_heads
             rows, cols = self.head_channels(heads)
-            qkv = F.linear(x, self.qkv.weight[rows], None if self.qkv.bias is None else self.qkv.bias[rows])
+            qkv = self._project(x, rows)
             q, k, v = qkv.reshape(B, N, 3, len(heads), self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-            a = self._attend(q, k, v, attn_mask, is_causal, heads)
+            a = self._attend(q, k, v, attn_mask, is_causal, heads, rope=rope)
             return self.proj_drop(F.linear(a, self.proj.weight[:, cols], self.proj.bias))
         weight, bias, w_o, bn = self.conv_weights(op)
         xp = x[:, self.num_prefix_tokens:]
@@ -239,7 +269,8 @@ class WindowAttentionSlot(AttentionSlot):
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         return super().forward(x, attn_mask=mask)
 
-    def _attend(self, q, k, v, mask, is_causal, kept: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def _attend(self, q, k, v, mask, is_causal, kept: Optional[torch.Tensor] = None,
+                rope: Optional[torch.Tensor] = None) -> torch.Tensor:
         from timm.models.swin_transformer import WindowAttention
         B_, heads, N, _ = q.shape
         bias = WindowAttention._get_rel_pos_bias(self)                    # (1, all heads, N, N)
@@ -258,6 +289,72 @@ class WindowAttentionSlot(AttentionSlot):
         return x.transpose(1, 2).reshape(B_, N, -1)
 
 
+class EvaAttentionSlot(AttentionSlot):
+    """The same four ops on the tokens of a timm ``EvaBlock``.
+
+    ``EvaAttention`` keeps q and v biases apart from a bias-free fused qkv (k has a zero bias), or
+    has q/k/v projections of its own (``qkv_fused=False``); this slot reads them where they are,
+    so its state dict has the attention's keys. msa applies the block's RoPE to q and k of the patch
+    tokens (prefix tokens get none), as timm does; the conv ops read only v (bias ``v_bias``) and
+    the output projection, so RoPE never reaches them.
+    """
+
+    def __init__(
+            self,
+            attn: nn.Module,
+            grid_size: Tuple[int, int],
+            num_prefix_tokens: int,
+            theta0: float = 1.5,
+            alpha: float = 0.01,
+            head_gates: bool = False,
+    ) -> None:
+        super().__init__(attn, grid_size, num_prefix_tokens, theta0=theta0, alpha=alpha, head_gates=head_gates)
+        self.rotate_half = attn.rotate_half
+        self.rope_prefix_tokens = attn.num_prefix_tokens      # tokens RoPE leaves alone (timm's own count)
+        self.qkv_bias_separate = attn.qkv_bias_separate
+        self.q_proj, self.k_proj, self.v_proj = attn.q_proj, attn.k_proj, attn.v_proj
+        self.q_bias, self.v_bias = attn.q_bias, attn.v_bias
+        if attn.k_bias is not None:
+            self.register_buffer('k_bias', attn.k_bias, persistent=False)
+        else:
+            self.k_bias = None
+
+    def qkv_weight(self) -> torch.Tensor:
+        if self.qkv is not None:
+            return self.qkv.weight
+        return torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
+
+    def qkv_bias(self) -> Optional[torch.Tensor]:
+        if self.qkv is not None:
+            return None if self.q_bias is None else torch.cat([self.q_bias, self.k_bias, self.v_bias])
+        if self.q_proj.bias is None:
+            return None
+        return torch.cat([self.q_proj.bias, torch.zeros_like(self.q_proj.bias), self.v_proj.bias])
+
+    def _project(self, x: torch.Tensor, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if rows is not None:
+            return super()._project(x, rows)
+        if self.qkv is None:
+            return torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
+        bias = self.qkv_bias()
+        if bias is not None and self.qkv_bias_separate:
+            return self.qkv(x) + bias
+        return F.linear(x, self.qkv.weight, bias)
+
+    def value_projection(self) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        if self.qkv is None:
+            return self.v_proj.weight, self.v_proj.bias
+        return self.qkv.weight[2 * self.num_heads * self.head_dim:], self.v_bias
+
+    def _prepare_qk(self, q: torch.Tensor, k: torch.Tensor, rope: Optional[torch.Tensor]
+                    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        q, k = self.q_norm(q), self.k_norm(k)
+        if rope is None:
+            return q, k
+        return (rotate_patch_tokens(q, rope, self.rope_prefix_tokens, self.rotate_half),
+                rotate_patch_tokens(k, rope, self.rope_prefix_tokens, self.rotate_half))
+
+
 class MlpSlot(nn.Module):
     """A timm ``Mlp`` with one gate per hidden unit.
 
@@ -272,8 +369,12 @@ class MlpSlot(nn.Module):
         self.drop1 = mlp.drop1
         self.fc2 = mlp.fc2
         self.drop2 = mlp.drop2
-        self.hidden_features = mlp.fc1.out_features
-        w = mlp.fc1.weight
+        self._init_gates(mlp.fc2, theta0)
+
+    def _init_gates(self, fc2: nn.Linear, theta0: float) -> None:
+        """One gate logit per hidden unit, i.e. per input column of fc2."""
+        self.hidden_features = fc2.in_features
+        w = fc2.weight
         self.gate_logits = nn.Parameter(torch.full((self.hidden_features,), float(theta0), device=w.device, dtype=w.dtype))
         self.register_buffer('kept', None, persistent=False)
         self.gate_values: Optional[torch.Tensor] = None   # used instead of the logits' gates (importance scores)
@@ -285,13 +386,106 @@ class MlpSlot(nn.Module):
 
     def pin(self, kept: Optional[torch.Tensor]) -> None:
         """Keep only the hidden units with these indices (None: back to gated search)."""
-        self.kept = None if kept is None else kept.to(device=self.fc1.weight.device, dtype=torch.long)
+        self.kept = None if kept is None else kept.to(device=self.fc2.weight.device, dtype=torch.long)
+
+    def importance(self) -> torch.Tensor:
+        """|fc1 row|_1 * |fc2 column|_1 per hidden unit: which units to keep when only a count is given."""
+        return self.fc1.weight.detach().abs().sum(1) * self.fc2.weight.detach().abs().sum(0)
+
+    def kept_state(self, kept: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """The exported MLP's state: fc1 rows and fc2 columns of the ``kept`` hidden units."""
+        kept = kept.to(self.fc2.weight.device)
+        state = {'fc1.weight': self.fc1.weight.detach()[kept]}
+        if self.fc1.bias is not None:
+            state['fc1.bias'] = self.fc1.bias.detach()[kept]
+        return {**state, **self._fc2_state(kept)}
+
+    def _fc2_state(self, kept: torch.Tensor) -> Dict[str, torch.Tensor]:
+        state = {'fc2.weight': self.fc2.weight.detach()[:, kept]}
+        if self.fc2.bias is not None:
+            state['fc2.bias'] = self.fc2.bias.detach()
+        return state
+
+    def _hidden(self, x: torch.Tensor, kept: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The hidden activation (before drop1) of all units, or of the ``kept`` ones."""
+        if kept is None:
+            return self.act(self.fc1(x))
+        return self.act(F.linear(x, self.fc1.weight[kept], None if self.fc1.bias is None else self.fc1.bias[kept]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kept is not None:
-            h = F.linear(x, self.fc1.weight[self.kept], None if self.fc1.bias is None else self.fc1.bias[self.kept])
-            h = self.drop1(self.act(h))
+            h = self.drop1(self._hidden(x, self.kept))
             return self.drop2(F.linear(h, self.fc2.weight[:, self.kept], self.fc2.bias))
         gates = self.gate_values if self.gate_values is not None else sample_gates(self.gate_logits, self.training, self.gate_noise)
-        h = self.drop1(self.act(self.fc1(x)))
+        h = self.drop1(self._hidden(x))
         return self.drop2(F.linear(h, self.fc2.weight * gates, self.fc2.bias))
+
+
+class GluMlpSlot(MlpSlot):
+    """A gated-linear-unit MLP (timm ``GluMlp``, fc1 packing both halves, or ``SwiGLU``, fc1_g and
+    fc1_x) with one gate per hidden unit: unit j is act(gate row j . x) * (value row j . x), so a
+    closed unit drops its row in both input projections and its fc2 column."""
+
+    def __init__(self, mlp: nn.Module, theta0: float = 1.5) -> None:
+        nn.Module.__init__(self)
+        # GluMlp: fc1 holds the two halves stacked (rows j and hidden + j are unit j)
+        self.packed = not hasattr(mlp, 'fc1_g')
+        if self.packed:
+            self.fc1 = mlp.fc1
+            self.gate_first = not mlp.gate_last     # which half goes through the activation
+        else:
+            self.fc1_g = mlp.fc1_g
+            self.fc1_x = mlp.fc1_x
+        self.act = mlp.act
+        self.drop1 = mlp.drop1
+        self.fc2 = mlp.fc2
+        self.drop2 = mlp.drop2
+        self._init_gates(mlp.fc2, theta0)
+
+    def _packed_rows(self, kept: torch.Tensor) -> torch.Tensor:
+        return torch.cat([kept, kept + self.hidden_features])
+
+    def _halves(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(gate rows, value rows) of the input projection, one row per unit each."""
+        if not self.packed:
+            return self.fc1_g.weight, self.fc1_x.weight
+        first, second = self.fc1.weight.chunk(2, 0)
+        return (first, second) if self.gate_first else (second, first)
+
+    def importance(self) -> torch.Tensor:
+        """|gate row|_1 * |value row|_1 * |fc2 column|_1 per unit: the magnitude score of a plain
+        MLP with the unit's two input rows both counted (its output is their product)."""
+        gate, value = (w.detach().abs().sum(1) for w in self._halves())
+        return gate * value * self.fc2.weight.detach().abs().sum(0)
+
+    def kept_state(self, kept: torch.Tensor) -> Dict[str, torch.Tensor]:
+        kept = kept.to(self.fc2.weight.device)
+        if self.packed:
+            rows = self._packed_rows(kept)
+            state = {'fc1.weight': self.fc1.weight.detach()[rows]}
+            if self.fc1.bias is not None:
+                state['fc1.bias'] = self.fc1.bias.detach()[rows]
+        else:
+            state = {}
+            for name in ('fc1_g', 'fc1_x'):
+                fc = getattr(self, name)
+                state[f'{name}.weight'] = fc.weight.detach()[kept]
+                if fc.bias is not None:
+                    state[f'{name}.bias'] = fc.bias.detach()[kept]
+        return {**state, **self._fc2_state(kept)}
+
+    def _hidden(self, x: torch.Tensor, kept: Optional[torch.Tensor] = None) -> torch.Tensor:
+        def linear(fc: nn.Linear, rows: Optional[torch.Tensor]) -> torch.Tensor:
+            if rows is None:
+                return fc(x)
+            return F.linear(x, fc.weight[rows], None if fc.bias is None else fc.bias[rows])
+        if self.packed:
+            a, b = linear(self.fc1, None if kept is None else self._packed_rows(kept)).chunk(2, -1)
+            return self.act(a) * b if self.gate_first else a * self.act(b)
+        return self.act(linear(self.fc1_g, kept)) * linear(self.fc1_x, kept)
+
+
+def mlp_slot(mlp: nn.Module, theta0: float = 1.5) -> MlpSlot:
+    """The slot for a block's MLP: ``GluMlpSlot`` for timm ``GluMlp``/``SwiGLU``, else ``MlpSlot``."""
+    from timm.layers import GluMlp, SwiGLU
+    return GluMlpSlot(mlp, theta0) if isinstance(mlp, (GluMlp, SwiGLU)) else MlpSlot(mlp, theta0)

@@ -39,14 +39,15 @@ SEARCH_SPACES: Dict[str, SearchSpace] = {
 
 
 def mlp_importance(slot: MlpSlot) -> torch.Tensor:
-    """|fc1 row|_1 * |fc2 column|_1 per hidden unit: which units to keep when only a count is given."""
-    return slot.fc1.weight.detach().abs().sum(1) * slot.fc2.weight.detach().abs().sum(0)
+    """|fc1 row|_1 * |fc2 column|_1 per hidden unit (a GLU's unit counts both its input rows): which
+    units to keep when only a count is given."""
+    return slot.importance()
 
 
 def head_importance(slot: AttentionSlot) -> torch.Tensor:
     """Per head: |its qkv rows|_1 * |its proj columns|_1, the MLP units' magnitude score for heads."""
     hd = slot.head_dim
-    qkv = slot.qkv.weight.detach().abs().reshape(3, slot.num_heads, hd, -1).sum((0, 2, 3))
+    qkv = slot.qkv_weight().detach().abs().reshape(3, slot.num_heads, hd, -1).sum((0, 2, 3))
     proj = slot.proj.weight.detach().abs().reshape(-1, slot.num_heads, hd).sum((0, 2))
     return qkv * proj
 

@@ -77,12 +77,18 @@ def set_gates(supernet, arch, kept):
         m.gate_logits.data[idx] = 1.
 
 
+# the q/k/v biases of the attentions the slots read (timm Attention, Swin's, Eva's separate ones)
+QKV_BIASES = ('qkv.bias', 'q_bias', 'v_bias', 'q_proj.bias', 'v_proj.bias')
+
+
 def randomize_mixing(supernet, seed=0, std=0.02):
     """Non-uniform head mixing at alpha=0.01, and value biases that exercise the conv padding."""
     g = torch.Generator().manual_seed(seed)
     for slot in supernet.attn_slots:
         slot.head_assign.data = torch.randn(slot.head_assign.shape, generator=g) * std
-        slot.qkv.bias.data = torch.randn(slot.qkv.bias.shape, generator=g) * 0.1
+        for name, p in slot.named_parameters():
+            if name in QKV_BIASES:
+                p.data = torch.randn(p.shape, generator=g) * 0.1
 
 
 def search_payload(supernet, data_config=None):

@@ -117,8 +117,8 @@ def test_models_tool_table_and_check():
     assert [line.split('|')[1].strip() for line in r.stdout.splitlines()[2:]] == FAMILY_NAMES
     ok = tool('models.py', ['--check', 'deit_small_patch16_224'])
     assert ok.returncode == 0 and ok.stdout.strip() == 'deit_small_patch16_224: supported, family vit', ok.stderr
-    refused = tool('models.py', ['--check', 'eva02_tiny_patch14_224'])
-    assert refused.returncode == 2 and refused.stderr.startswith('models.py: error: Eva is not supported')
+    refused = tool('models.py', ['--check', 'beit_base_patch16_224'])
+    assert refused.returncode == 2 and refused.stderr.startswith('models.py: error: Beit is not supported')
     assert len(refused.stderr.strip().splitlines()) == 1 and refused.stdout == ''
 
 

@@ -61,7 +61,7 @@ class Family:
         raise NotImplementedError
 
     def attention_types(self) -> Tuple[Type[nn.Module], ...]:
-        """The timm attention modules the exported model replaces (anything else is refused)."""
+        """The timm attention modules the pruned model replaces (anything else is refused)."""
         raise NotImplementedError
 
     def keep_heads(self, attn: nn.Module, heads: int) -> nn.Module:
@@ -108,16 +108,37 @@ def supported_table() -> str:
     return '\n'.join(rows)
 
 
-def check_mlp(mlp: nn.Module, where: str) -> None:
-    """The MLP slots gate the hidden units of a plain timm ``Mlp`` (fc1 -> act -> fc2)."""
-    from timm.layers import Mlp
-    if type(mlp) is not Mlp or not isinstance(mlp.fc1, nn.Linear) or not isinstance(mlp.norm, nn.Identity):
-        raise UnsupportedModelError(f'{where}: MLP {type(mlp).__name__} is not supported, only timm Mlp without norm')
+def check_mlp(mlp: nn.Module, where: str, glu: bool = False) -> None:
+    """The MLP slots gate the hidden units of a plain timm ``Mlp`` (fc1 -> act -> fc2) and, with
+    ``glu``, of timm's ``GluMlp`` and ``SwiGLU``; an inner norm over the hidden units (``scale_mlp``)
+    would make a gated unit change the others' output, so it is refused."""
+    from timm.layers import GluMlp, Mlp, SwiGLU
+    kinds = (Mlp, GluMlp, SwiGLU) if glu else (Mlp,)
+    names = 'timm Mlp, GluMlp or SwiGLU' if glu else 'timm Mlp'
+    if type(mlp) not in kinds or not all(isinstance(getattr(mlp, n), nn.Linear) for n in ('fc1', 'fc1_g', 'fc1_x', 'fc2')
+                                         if hasattr(mlp, n)):
+        raise UnsupportedModelError(f'{where}: MLP {type(mlp).__name__} is not supported, only {names} without norm')
+    if not isinstance(mlp.norm, nn.Identity):
+        raise UnsupportedModelError(f'{where}: MLP {type(mlp).__name__} with an inner norm (scale_mlp) is not supported, '
+                                    f'only {names} without norm')
+
+
+def mlp_hidden(mlp: nn.Module) -> int:
+    """Hidden units of a timm ``Mlp``, ``GluMlp`` or ``SwiGLU``: fc2's inputs (GluMlp's fc1 has two
+    rows per unit)."""
+    return mlp.fc2.in_features
+
+
+def is_glu(mlp: nn.Module) -> bool:
+    """Whether a unit of ``mlp`` has two input rows (timm ``GluMlp``, ``SwiGLU``)."""
+    from timm.layers import GluMlp, SwiGLU
+    return isinstance(mlp, (GluMlp, SwiGLU))
 
 
 # each registers its family; the order is the order of the supported-models list
 from . import vit  # noqa: E402,I001
 from . import swin  # noqa: E402,I001
+from . import eva  # noqa: E402,I001
 
 __all__ = ['Family', 'FAMILIES', 'Layout', 'register_family', 'family_of', 'check_model', 'supported_table',
-           'check_mlp', 'swin', 'vit']
+           'check_mlp', 'mlp_hidden', 'is_glu', 'eva', 'swin', 'vit']

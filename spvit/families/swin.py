@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, List, Tuple, Type
 import torch.nn as nn
 
 from ..errors import UnsupportedModelError
-from . import Family, Layout, check_mlp, register_family
+from . import Family, Layout, check_mlp, mlp_hidden, register_family
 
 if TYPE_CHECKING:
     from ..flops import BlockDims
@@ -53,7 +53,7 @@ class SwinFamily(Family):
         for blk in self.blocks(model):
             (h, w), (wh, ww) = blk.input_resolution, blk.window_size
             dims.append(BlockDims(tokens=wh * ww, patches=wh * ww, dim=blk.attn.qkv.in_features, heads=blk.attn.num_heads,
-                                  hidden=blk.mlp.fc1.out_features, windows=(h // wh) * (w // ww)))
+                                  hidden=mlp_hidden(blk.mlp), windows=(h // wh) * (w // ww)))
         return dims
 
     def attention_types(self) -> Tuple[Type[nn.Module], ...]:

@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from ..errors import UnsupportedModelError
 from ..layers import HeadAttention
-from . import Family, Layout, check_mlp, register_family
+from . import Family, Layout, check_mlp, mlp_hidden, register_family
 
 if TYPE_CHECKING:
     from ..flops import BlockDims
@@ -65,7 +65,7 @@ class VitFamily(Family):
         h, w = model.patch_embed.grid_size
         npt = model.num_prefix_tokens
         return [BlockDims(tokens=h * w + npt, patches=h * w, dim=model.embed_dim, heads=blk.attn.num_heads,
-                          hidden=blk.mlp.fc1.out_features, qk_norm=not isinstance(blk.attn.q_norm, nn.Identity))
+                          hidden=mlp_hidden(blk.mlp), qk_norm=not isinstance(blk.attn.q_norm, nn.Identity))
                 for blk in model.blocks]
 
     def attention_types(self) -> Tuple[Type[nn.Module], ...]:
