@@ -7,6 +7,11 @@ on free and the peak RSS follows the live tensors instead of the allocator's fre
 memory" is that peak minus the RSS before the first step (model, optimiser set-up).
 
     python benchmarks/search_step.py --model deit_tiny_patch16_224 --batch-size 16
+    python benchmarks/search_step.py --model deit_tiny_patch16_224 --batch-size 16 --compile
+
+With --compile the forward and loss of both steps are also run through torch.compile (the plain
+step too, so that the ratio is fair), and the table adds the compiled steps and their compile time
+(the first step's time less a compiled step's).
 """
 import argparse
 import json
@@ -44,26 +49,36 @@ def worker(args) -> None:
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
     y = torch.randint(0, 1000, (args.batch_size,), device=device)
     cuda = device.type == 'cuda'
+
+    def forward_loss(x, y):
+        loss = F.cross_entropy(net(x), y)
+        if args.mode == 'search':
+            loss = loss + ((net.flops() - target) / target) ** 2
+        return loss
+    if args.compiled:
+        forward_loss = torch.compile(forward_loss)
     base = torch.cuda.memory_allocated(device) if cuda else rss_bytes()
     times = []
     for i in range(args.warmup + args.steps):
         if cuda:
             torch.cuda.synchronize(device)
         t = time.perf_counter()
-        loss = F.cross_entropy(net(x), y)
-        if args.mode == 'search':
-            loss = loss + ((net.flops() - target) / target) ** 2
+        with torch.autocast(device.type, dtype=torch.float16, enabled=args.amp and cuda):
+            loss = forward_loss(x, y)
         loss.backward()
         for opt in optimizers:
             opt.step()
             opt.zero_grad(set_to_none=True)
         if cuda:
             torch.cuda.synchronize(device)
+        if i == 0:
+            first = time.perf_counter() - t
         if i >= args.warmup:
             times.append(time.perf_counter() - t)
     # On CUDA the allocator's peak is exact; on the CPU the peak RSS (see the module docstring).
     peak = torch.cuda.max_memory_allocated(device) if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({'step_s': statistics.median(times), 'peak_bytes': peak, 'step_bytes': peak - base}))
+    step = statistics.median(times)
+    print(json.dumps({'step_s': step, 'peak_bytes': peak, 'step_bytes': peak - base, 'compile_s': first - step}))
 
 
 def main() -> None:
@@ -75,34 +90,48 @@ def main() -> None:
     p.add_argument('--warmup', type=int, default=2)
     p.add_argument('--rounds', type=int, default=2, help='alternate plain/search this many times')
     p.add_argument('--device', default='cpu', help='cpu or cuda')
+    p.add_argument('--amp', action='store_true', help='fp16 autocast (CUDA)')
+    p.add_argument('--compile', action='store_true', help='also time both steps under torch.compile')
     p.add_argument('--mode', choices=['plain', 'search'], help=argparse.SUPPRESS)
+    p.add_argument('--compiled', action='store_true', help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.mode:
         return worker(args)
     def run(mode: str, env: dict) -> dict:
-        out = subprocess.run([sys.executable, __file__, *sys.argv[1:], '--mode', mode], env={**os.environ, **env},
+        flags = ['--mode', mode.split('-')[0]] + (['--compiled'] if mode.endswith('compiled') else [])
+        argv = [a for a in sys.argv[1:] if a != '--compile']
+        out = subprocess.run([sys.executable, __file__, *argv, *flags], env={**os.environ, **env},
                              check=True, capture_output=True, text=True).stdout
         return json.loads(out.strip().splitlines()[-1])
 
+    modes = ['plain', 'search'] + (['plain-compiled', 'search-compiled'] if args.compile else [])
     best = {}
     for _ in range(args.rounds):
-        for mode in ('plain', 'search'):
+        for mode in modes:
             timed = run(mode, {})
-            mem = run(mode, {'MALLOC_MMAP_THRESHOLD_': '65536'})
-            prev = best.get(mode, {'step_s': float('inf'), 'peak_bytes': float('inf'), 'step_bytes': float('inf')})
+            mem = run(mode, {'MALLOC_MMAP_THRESHOLD_': '65536'}) if args.device == 'cpu' else timed
+            prev = best.get(mode, {'step_s': float('inf'), 'peak_bytes': float('inf'), 'step_bytes': float('inf'),
+                                   'compile_s': float('inf')})
             best[mode] = {'step_s': min(prev['step_s'], timed['step_s']),
                           'peak_bytes': min(prev['peak_bytes'], mem['peak_bytes']),
-                          'step_bytes': min(prev['step_bytes'], mem['step_bytes'])}
+                          'step_bytes': min(prev['step_bytes'], mem['step_bytes']),
+                          'compile_s': min(prev['compile_s'], timed['compile_s'])}
     mib = 2 ** 20
-    print(f'{args.model}, batch {args.batch_size}, {args.img_size}px, torch threads: {os.cpu_count()} cores')
-    print(f"{'':8} {'step (s)':>9} {'peak RSS (MiB)':>15} {'step memory (MiB)':>18}")
+    print(f'{args.model}, batch {args.batch_size}, {args.img_size}px, {args.device}{", fp16 AMP" if args.amp else ""}, '
+          f'torch {__import__("torch").__version__}, {os.cpu_count()} cores')
+    print(f"{'':16} {'step (s)':>9} {'peak (MiB)':>11} {'step memory (MiB)':>18} {'compile (s)':>12}")
     for m, r in best.items():
-        print(f"{m:8} {r['step_s']:9.3f} {r['peak_bytes'] / mib:15.0f} {r['step_bytes'] / mib:18.0f}")
+        compile_s = f"{r['compile_s']:12.1f}" if m.endswith('compiled') else ''
+        print(f"{m:16} {r['step_s']:9.4f} {r['peak_bytes'] / mib:11.0f} {r['step_bytes'] / mib:18.0f} {compile_s}")
     ratios = {
         'time': best['search']['step_s'] / best['plain']['step_s'],
         'peak_rss': best['search']['peak_bytes'] / best['plain']['peak_bytes'],
         'step_memory': best['search']['step_bytes'] / best['plain']['step_bytes'],
     }
+    if args.compile:
+        ratios.update(compiled_time=best['search-compiled']['step_s'] / best['plain-compiled']['step_s'],
+                      compiled_over_eager_search=best['search-compiled']['step_s'] / best['search']['step_s'],
+                      compile_s=best['search-compiled']['compile_s'])
     print('ratios search/plain: ' + ', '.join(f'{k} {v:.3f}' for k, v in ratios.items()))
     print(json.dumps(ratios))
 

@@ -13,18 +13,19 @@ def _straight_through(soft: torch.Tensor) -> torch.Tensor:
     return hard + (soft - soft.detach())   # exactly 0/1 in value
 
 
-def sample_gates(logits: torch.Tensor, training: bool, noise: float = 1.0) -> torch.Tensor:
+def sample_gates(logits: torch.Tensor, training: bool, noise: float | torch.Tensor = 1.0) -> torch.Tensor:
     """Gate values for the forward pass: sampled in training, deterministic (sigmoid > 0.5) in eval.
 
     A training sample is relaxed Bernoulli, sigmoid((logits + noise * L) / T) with L logistic,
     forwarded as 0/1: a gate is on with probability sigmoid(logits / noise) (noise 1: the paper).
-    With noise 0 the forward is the eval gate and only the gradient is relaxed.
+    With noise 0 the forward is the eval gate and only the gradient is relaxed. The logistic
+    sample is drawn whatever the noise, so that ``noise`` can be a tensor that changes every step
+    without a branch on its value (a compiled step then needs no recompilation and no host sync).
     """
     if not training:
         return (logits > 0).to(logits.dtype)
-    if noise > 0:
-        u = torch.rand_like(logits).clamp(torch.finfo(logits.dtype).tiny, 1 - torch.finfo(logits.dtype).eps)
-        logits = logits + noise * (u.log() - (-u).log1p())
+    u = torch.rand_like(logits).clamp(torch.finfo(logits.dtype).tiny, 1 - torch.finfo(logits.dtype).eps)
+    logits = logits + noise * (u.log() - (-u).log1p())
     return _straight_through(torch.sigmoid(logits / _TEMPERATURE))
 
 

@@ -56,6 +56,11 @@ class TrainOptions:
     seed: int = field(0, 'random seed', bounds=NON_NEGATIVE)
     amp: bool = field(False, 'mixed precision: bf16 on CPU, fp16 on CUDA')
     device: Optional[str] = field(None, 'cpu, cuda or cuda:N (default: cuda if available)')
+    compile: Optional[bool] = field(None, 'torch.compile the training forward (and the search\'s FLOPs model); '
+                                    '--no-compile runs eagerly. Default: on for CUDA, off on the CPU, where a short '
+                                    'run does not win back the compile time (README: compiled search step)')
+    compile_mode: str = field('default', 'torch.compile mode (reduce-overhead: CUDA graphs, for static shapes)',
+                              choices=('default', 'reduce-overhead', 'max-autotune'))
     output_dir: Optional[str] = field(None, 'where the run writes its files')
     resume: Optional[str] = field(None, 'continue from this checkpoint-last.pth')
     max_steps: Optional[int] = field(None, 'stop after this many steps in total (smoke runs)', bounds=AT_LEAST_ONE)

@@ -162,6 +162,11 @@ def progress(total: int, initial: int, desc: str, enabled: bool):
     return tqdm(total=total, initial=initial, desc=desc, disable=not enabled, dynamic_ncols=True)
 
 
+def use_compile(flag: Optional[bool], device: torch.device) -> bool:
+    """--compile / --no-compile, else where it was measured to pay: CUDA (a launch-bound step)."""
+    return device.type == 'cuda' if flag is None else bool(flag)
+
+
 def autocast(device: torch.device, enabled: bool):
     """bf16 on CPU, fp16 on CUDA."""
     if not enabled:

@@ -220,6 +220,7 @@ class SearchTrainer(Trainer):
 
     def after_setup(self) -> None:
         cfg = self.cfg
+        self.flops_fn = torch.compile(self.supernet.flops, mode=cfg.compile_mode) if self.compiled else self.supernet.flops
         self.task = None if self.teacher is None else distillation_task(
             self.net, self.teacher, self.criterion, cfg.distill, cfg.distill_alpha, cfg.distill_tau, self.device,
             token_student=hasattr(self.supernet.model, 'set_distilled_training'))
@@ -247,7 +248,8 @@ class SearchTrainer(Trainer):
         ramp = f', target ramp over {self.schedule.ramp_steps:.0f} steps' if self.schedule.ramp_steps else ''
         return (f', arch lr {self.arch_lr:.3g}; original {self.supernet.original_flops / 1e9:.4f} GFLOPs, '
                 f'target {self.target:.4f}{ramp}; gates start {self.cfg.gate_init}, update {self.cfg.gate_update}, '
-                f'noise {self.noise_mode}{" (auto)" if self.cfg.gate_noise == "auto" else ""}')
+                f'noise {self.noise_mode}{" (auto)" if self.cfg.gate_noise == "auto" else ""}'
+                f'{"; compiled" if self.compiled else ""}')
 
     def resolved_config(self) -> Dict[str, Any]:
         return {**super().resolved_config(), 'arch_lr': self.arch_lr, 'target_gflops': self.target, 'target_ratio': None}
@@ -268,7 +270,7 @@ class SearchTrainer(Trainer):
             else:           # (1 - alpha) task loss + alpha distillation loss
                 out = self.task(x, y)
                 task, parts = out['loss'], {'task_loss': out['task_loss'].detach(), 'kd_loss': out['kd_loss'].detach()}
-        gflops = self.supernet.flops()
+        gflops = self.flops_fn()
         target = self.schedule.target(self.global_step)
         parts.update(gflops=gflops.detach(), target=target)
         if self.drive is None:      # the paper: the penalty is part of the loss

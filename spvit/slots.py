@@ -64,7 +64,8 @@ class AttentionSlot(nn.Module):
         self.pinned_op: Optional[str] = None
         self.pinned_heads: Optional[torch.Tensor] = None     # msa: indices of the kept heads (None: all)
         self.gate_values: Optional[torch.Tensor] = None   # used instead of the logits' gates (importance scores)
-        self.gate_noise = 1.0     # scale of the sampling noise in training (see sample_gates)
+        # scale of the sampling noise in training (see sample_gates): a tensor, set in place each step
+        self.register_buffer('gate_noise', torch.ones((), **dd), persistent=False)
 
     def extra_repr(self) -> str:
         return (f'heads={self.num_heads}, grid={self.grid_size}, alpha={self.alpha}, head_gates='
@@ -378,7 +379,8 @@ class MlpSlot(nn.Module):
         self.gate_logits = nn.Parameter(torch.full((self.hidden_features,), float(theta0), device=w.device, dtype=w.dtype))
         self.register_buffer('kept', None, persistent=False)
         self.gate_values: Optional[torch.Tensor] = None   # used instead of the logits' gates (importance scores)
-        self.gate_noise = 1.0     # scale of the sampling noise in training (see sample_gates)
+        # scale of the sampling noise in training (see sample_gates): a tensor, set in place each step
+        self.register_buffer('gate_noise', torch.ones((), device=w.device, dtype=w.dtype), persistent=False)
 
     def extra_repr(self) -> str:
         pinned = None if self.kept is None else self.kept.numel()

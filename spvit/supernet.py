@@ -121,7 +121,7 @@ class SuperNet(nn.Module):
         """Scale of the gates' sampling noise in training (1: the paper's relaxed Bernoulli, 0: none)."""
         for pair in self._slots:
             for s in pair:
-                s.gate_noise = float(scale)
+                s.gate_noise.fill_(float(scale))
 
     def gate_costs(self) -> List[torch.Tensor]:
         """For each tensor of ``gate_parameters()``: the share of the original FLOPs each of its gates

@@ -24,7 +24,7 @@ from . import data as D
 from .checkpoint import atomic_save, atomic_write_text
 from .config import ConfigError, given_keys, to_dict
 from .rundir import RunLock, check_fresh_output_dir, remove_leftover_temps, trim_log
-from .runtime import (Interrupted, JsonlLog, StopSignal, TrainingError, evaluate, grad_scaler, progress,
+from .runtime import (Interrupted, JsonlLog, StopSignal, TrainingError, evaluate, grad_scaler, progress, use_compile,
                       resolve_device, rng_state, seed_everything, set_rng_state, setup_distributed)
 
 LAST = 'checkpoint-last.pth'
@@ -134,6 +134,10 @@ class Trainer:
         self.net: nn.Module = self.model
         if d.enabled:
             self.net = DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == 'cuda' else None)
+        # the training forward only: evaluation runs self.model eagerly (pinned supernets, EMA)
+        self.compiled = use_compile(cfg.compile, self.device)
+        if self.compiled:
+            self.net = torch.compile(self.net, mode=cfg.compile_mode)
         self.after_setup()
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         if state is not None:
