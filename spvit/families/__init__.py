@@ -73,6 +73,25 @@ class Family:
         raise NotImplementedError
 
 
+class TokenGridFamily(Family):
+    """A plain ViT layout (``model.blocks`` on one patch grid after ``num_prefix_tokens`` tokens,
+    ``embed_dim`` wide, timm's ``q_norm`` on the attention): ViT and Eva share where the blocks
+    are and what their FLOPs depend on."""
+
+    def layout(self, model: nn.Module) -> Layout:
+        grid, npt = tuple(model.patch_embed.grid_size), model.num_prefix_tokens
+        return [(blk, grid, npt) for blk in model.blocks]
+
+    def block_dims(self, model: nn.Module) -> List[BlockDims]:
+        from ..flops import BlockDims
+        h, w = model.patch_embed.grid_size
+        npt = model.num_prefix_tokens
+        return [BlockDims(tokens=h * w + npt, patches=h * w, dim=model.embed_dim, heads=blk.attn.num_heads,
+                          hidden=mlp_hidden(blk.mlp), qk_norm=not isinstance(blk.attn.q_norm, nn.Identity),
+                          glu=is_glu(blk.mlp))
+                for blk in model.blocks]
+
+
 FAMILIES: Dict[str, Family] = {}
 
 F = TypeVar('F', bound=Type[Family])
@@ -140,5 +159,5 @@ from . import vit  # noqa: E402,I001
 from . import swin  # noqa: E402,I001
 from . import eva  # noqa: E402,I001
 
-__all__ = ['Family', 'FAMILIES', 'Layout', 'register_family', 'family_of', 'check_model', 'supported_table',
+__all__ = ['Family', 'TokenGridFamily', 'FAMILIES', 'Layout', 'register_family', 'family_of', 'check_model', 'supported_table',
            'check_mlp', 'mlp_hidden', 'is_glu', 'eva', 'swin', 'vit']

@@ -4,15 +4,12 @@ biases or unfused q/k/v projections, SwiGLU MLPs, layer scale."""
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING, List, Tuple, Type
+from typing import Tuple, Type
 
 import torch.nn as nn
 
 from ..errors import UnsupportedModelError
-from . import Family, Layout, check_mlp, is_glu, mlp_hidden, register_family
-
-if TYPE_CHECKING:
-    from ..flops import BlockDims
+from . import TokenGridFamily, check_mlp, register_family
 
 # tiny sizes the test battery runs on; a head of ViT's init scale, so that the logits the battery
 # compares are not shrunk a thousandfold (timm's Eva default)
@@ -20,7 +17,7 @@ _TINY = dict(img_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=4, head
 
 
 @register_family
-class EvaFamily(Family):
+class EvaFamily(TokenGridFamily):
     name = 'eva'
     supported = ('timm Eva models (EVA, EVA-02 tiny/small, RoPE ViTs, DINOv3) with the pre-norm EvaBlock/EvaAttention '
                  'and Mlp, GluMlp or SwiGLU without inner norms')
@@ -75,19 +72,6 @@ class EvaFamily(Family):
             if attn.num_heads * attn.head_dim != model.embed_dim:
                 raise UnsupportedModelError(f'{where}: attention width (attn_head_dim) differs from embed_dim')
             check_mlp(blk.mlp, where, glu=True)
-
-    def layout(self, model: nn.Module) -> Layout:
-        grid, npt = tuple(model.patch_embed.grid_size), model.num_prefix_tokens
-        return [(blk, grid, npt) for blk in model.blocks]
-
-    def block_dims(self, model: nn.Module) -> List[BlockDims]:
-        from ..flops import BlockDims
-        h, w = model.patch_embed.grid_size
-        npt = model.num_prefix_tokens
-        return [BlockDims(tokens=h * w + npt, patches=h * w, dim=model.embed_dim, heads=blk.attn.num_heads,
-                          hidden=mlp_hidden(blk.mlp), qk_norm=not isinstance(blk.attn.q_norm, nn.Identity),
-                          glu=is_glu(blk.mlp))
-                for blk in model.blocks]
 
     def attention_types(self) -> Tuple[Type[nn.Module], ...]:
         from timm.models.eva import EvaAttention

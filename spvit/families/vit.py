@@ -3,20 +3,17 @@ register tokens, class-token or average pooling, any patch grid."""
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING, List, Tuple, Type
+from typing import Tuple, Type
 
 import torch.nn as nn
 
 from ..errors import UnsupportedModelError
 from ..layers import HeadAttention
-from . import Family, Layout, check_mlp, mlp_hidden, register_family
-
-if TYPE_CHECKING:
-    from ..flops import BlockDims
+from . import TokenGridFamily, check_mlp, register_family
 
 
 @register_family
-class VitFamily(Family):
+class VitFamily(TokenGridFamily):
     name = 'vit'
     supported = ('timm VisionTransformer models (ViT, DeiT incl. _distilled, register tokens, '
                  'class-token or average pooling) with the standard Block/Attention/Mlp')
@@ -55,18 +52,6 @@ class VitFamily(Family):
             if attn.num_heads * attn.head_dim != model.embed_dim:
                 raise UnsupportedModelError(f'{where}: attention width differs from embed_dim')
             check_mlp(blk.mlp, where)
-
-    def layout(self, model: nn.Module) -> Layout:
-        grid, npt = tuple(model.patch_embed.grid_size), model.num_prefix_tokens
-        return [(blk, grid, npt) for blk in model.blocks]
-
-    def block_dims(self, model: nn.Module) -> List[BlockDims]:
-        from ..flops import BlockDims
-        h, w = model.patch_embed.grid_size
-        npt = model.num_prefix_tokens
-        return [BlockDims(tokens=h * w + npt, patches=h * w, dim=model.embed_dim, heads=blk.attn.num_heads,
-                          hidden=mlp_hidden(blk.mlp), qk_norm=not isinstance(blk.attn.q_norm, nn.Identity))
-                for blk in model.blocks]
 
     def attention_types(self) -> Tuple[Type[nn.Module], ...]:
         from timm.layers import Attention
