@@ -92,7 +92,8 @@ def test_benchmark(files, runtime):
     assert [(r[0], r[1]) for r in rows] == [(b, n) for b in ('1', '2') for n in names]
     references = {'pruned': 'original', 'pruned-ort': 'original-ort', 'pruned-int8': 'pruned-ort'}
     for batch, name, ms, ips, ratio, reference in rows:
-        assert float(ips) == pytest.approx(int(batch) / float(ms) * 1e3, rel=0.01)
+        # images/s agrees with the latency, which is printed to 0.01 ms (sub-ms on ONNX Runtime)
+        assert int(batch) / float(ips) * 1e3 == pytest.approx(float(ms), rel=0.01, abs=0.005)
         assert reference == references.get(name, '') and (ratio != '') == (name in references)
     measured = measure_flops(spvit.load_pruned(str(files['pruned'])), (3, 32, 32))[0]
     original = measure_flops(timm.create_model('vit_tiny_patch16_224', **SMALL), (3, 32, 32))[0]
