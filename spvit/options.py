@@ -51,6 +51,12 @@ class TrainOptions:
     warmup_lr: float = field(1e-6, 'warm-up start learning rate', bounds=NON_NEGATIVE)
     clip_grad: Optional[float] = field(None, 'clip the weights\' gradient norm to this', bounds=POSITIVE)
     epochs: int = field(10, 'training epochs', bounds=AT_LEAST_ONE)
+    sched_epochs: Optional[int] = field(None, 'length of the weight lr cosine in epochs (default: --sched-offset + '
+                                        '--epochs); longer than the run leaves it mid-schedule, for a fine-tune '
+                                        'that continues it (README: one schedule for search and fine-tune)',
+                                        bounds=AT_LEAST_ONE)
+    sched_offset: int = field(0, 'epochs of the schedule already run (by the search this run continues)',
+                              bounds=NON_NEGATIVE)
     batch_size: int = field(64, 'batch size per process', bounds=AT_LEAST_ONE)
     workers: int = field(4, 'data loader workers', bounds=NON_NEGATIVE)
     seed: int = field(0, 'random seed', bounds=NON_NEGATIVE)

@@ -89,6 +89,10 @@ class Trainer:
                 raise ConfigError(f'no --{key.replace("_", "-")} given')
         if cfg.batch_size < 1 or cfg.epochs < 1:
             raise ConfigError('--batch-size and --epochs must be at least 1')
+        self.sched_epochs = cfg.sched_epochs or cfg.sched_offset + cfg.epochs
+        if cfg.sched_offset + cfg.epochs > self.sched_epochs:
+            raise ConfigError(f'--sched-offset {cfg.sched_offset} plus --epochs {cfg.epochs} is past the end of '
+                              f'--sched-epochs {self.sched_epochs}')
         # a new run, or a resumed one continued in another directory: never over another run's files
         self.fresh_dir = state is None or not same_dir(cfg.output_dir, os.path.dirname(os.path.abspath(cfg.resume)))
         if self.fresh_dir:
@@ -126,10 +130,13 @@ class Trainer:
         self.model.to(self.device)
         self.lr = lr_for_batch(cfg.lr, cfg.batch_size, d.world_size)
         self.optimizers = self.build_optimizers()
-        self.sched, _ = create_scheduler_v2(self.optimizers['weights'], sched='cosine', num_epochs=cfg.epochs,
+        self.sched, _ = create_scheduler_v2(self.optimizers['weights'], sched='cosine', num_epochs=self.sched_epochs,
                                             min_lr=cfg.min_lr, warmup_epochs=cfg.warmup_epochs,
                                             warmup_lr=cfg.warmup_lr, step_on_epochs=False,
                                             updates_per_epoch=self.steps_per_epoch)
+        # where in the schedule step 0 sits: past the epochs a search already ran
+        self.sched_start = cfg.sched_offset * self.steps_per_epoch
+        self.sched.step_update(self.sched_start)
         self.scaler = grad_scaler(self.device, cfg.amp)
         self.net: nn.Module = self.model
         if d.enabled:
@@ -303,7 +310,7 @@ class Trainer:
                 self._step(loss)
                 self.step_in_epoch += 1
                 self.global_step += 1
-                self.sched.step_update(self.global_step)
+                self.sched.step_update(self.sched_start + self.global_step)
                 bar.update(1)
                 if (self.global_step % cfg.log_every == 0 or self.step_in_epoch == self.steps_per_epoch
                         or self.reached_max_steps()):
