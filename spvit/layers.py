@@ -8,7 +8,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import apply_rot_embed_cat
+from timm.models.beit import Attention as BeitAttention
 from timm.models.eva import EvaAttention
+
+from .errors import UnsupportedModelError
 
 
 def rotate_patch_tokens(t: torch.Tensor, rope: torch.Tensor, num_prefix_tokens: int, half: bool) -> torch.Tensor:
@@ -24,9 +27,9 @@ class ConvAttention(nn.Module):
 
     Prefix tokens (class, distillation, register) have no grid position: they get a zero update,
     as in the search. In a Swin block the tokens are one window (no prefix tokens) and the conv
-    pads at the window border. ``attn_mask``/``is_causal`` (ViT), ``mask`` (Swin's shift mask) and
-    ``rope`` (Eva) are accepted because timm's blocks pass them; a conv has nothing to mask and
-    reads its positions from the grid.
+    pads at the window border. ``attn_mask``/``is_causal`` (ViT), ``mask`` (Swin's shift mask),
+    ``rope`` (Eva) and ``shared_rel_pos_bias`` (BEiT) are accepted because timm's blocks pass them;
+    a conv has nothing to mask and reads its positions from the grid.
     """
 
     def __init__(
@@ -55,7 +58,8 @@ class ConvAttention(nn.Module):
         return f'grid={self.grid_size}, prefix_tokens={self.num_prefix_tokens}'
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False,
-                mask: Optional[torch.Tensor] = None, rope: Optional[torch.Tensor] = None) -> torch.Tensor:
+                mask: Optional[torch.Tensor] = None, rope: Optional[torch.Tensor] = None,
+                shared_rel_pos_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         B, N, C = x.shape
         H, W = self.grid_size
         patches = x[:, self.num_prefix_tokens:]
@@ -75,7 +79,8 @@ class NoAttention(nn.Module):
     """A skipped attention: the branch adds zero, so the block keeps only its residual (and MLP)."""
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False,
-                mask: Optional[torch.Tensor] = None, rope: Optional[torch.Tensor] = None) -> torch.Tensor:
+                mask: Optional[torch.Tensor] = None, rope: Optional[torch.Tensor] = None,
+                shared_rel_pos_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         return torch.zeros_like(x)
 
 
@@ -145,4 +150,35 @@ class EvaHeadAttention(EvaAttention):
             k = rotate_patch_tokens(k, rope, self.num_prefix_tokens, self.rotate_half)
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
                                            dropout_p=self.attn_drop.p if self.training else 0.)
+        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, -1)))
+
+
+class BeitHeadAttention(BeitAttention):
+    """timm BEiT ``Attention`` over ``num_heads`` heads of ``attn_head_dim`` each, whatever the model
+    width: what it becomes when some heads are pruned (timm's forward reshapes the heads' output to
+    the input width, which fewer heads do not fill). Same parameters and state-dict keys: the fused
+    qkv with q/v biases and the relative position bias table, one column per kept head. A bias
+    shared by all blocks (``use_shared_rel_pos_bias``) has a column for every original head, so it
+    is not accepted (the family refuses such models)."""
+
+    def forward(self, x: torch.Tensor, shared_rel_pos_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if shared_rel_pos_bias is not None:
+            raise UnsupportedModelError('kept heads with a shared relative position bias (use_shared_rel_pos_bias) '
+                                        'are not supported')
+        B, N, _ = x.shape
+        if self.q_bias is None:
+            qkv = self.qkv(x)
+        else:
+            bias = torch.cat((self.q_bias, self.k_bias, self.v_bias))
+            qkv = self.qkv(x) + bias if self.qkv_bias_separate else F.linear(x, self.qkv.weight, bias)
+        q, k, v = qkv.reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        rel_pos_bias = None if self.relative_position_bias_table is None else self._get_rel_pos_bias()
+        if self.fused_attn:
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=rel_pos_bias,
+                                               dropout_p=self.attn_drop.p if self.training else 0.)
+        else:
+            attn = (q * self.scale) @ k.transpose(-2, -1)
+            if rel_pos_bias is not None:
+                attn = attn + rel_pos_bias
+            x = self.attn_drop(attn.softmax(dim=-1)) @ v
         return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, -1)))

@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .arch import ATTN_OPS
+from .errors import UnsupportedModelError
 from .gates import attention_coefficients, attention_gates, hold_conv3x3_open, sample_gates
 from .layers import rotate_patch_tokens
 from .mixing import (CENTER, OFFSETS, border_bias, border_mask, conv3x3_weight, head_mixing, mix_heads, mix_output,
@@ -354,6 +355,76 @@ class EvaAttentionSlot(AttentionSlot):
             return q, k
         return (rotate_patch_tokens(q, rope, self.rope_prefix_tokens, self.rotate_half),
                 rotate_patch_tokens(k, rope, self.rope_prefix_tokens, self.rotate_half))
+
+
+class BeitAttentionSlot(AttentionSlot):
+    """The same four ops on the tokens of a timm ``Beit`` block.
+
+    BEiT's ``Attention`` keeps q and v biases apart from a bias-free fused qkv (k has none) and may
+    own a relative position bias over the patch grid and the class token (one table column per
+    head). This slot reads them where they are, so its state dict has the attention's keys. msa adds
+    the bias (of the kept heads only, when it keeps some), as timm does; the conv ops read only v
+    (bias ``v_bias``) and the output projection, so the bias never reaches them. A bias shared by
+    all blocks (``use_shared_rel_pos_bias``) is refused by the family.
+    """
+
+    def __init__(
+            self,
+            attn: nn.Module,
+            grid_size: Tuple[int, int],
+            num_prefix_tokens: int,
+            theta0: float = 1.5,
+            alpha: float = 0.01,
+            head_gates: bool = False,
+    ) -> None:
+        super().__init__(attn, grid_size, num_prefix_tokens, theta0=theta0, alpha=alpha, head_gates=head_gates)
+        self.qkv_bias_separate = attn.qkv_bias_separate
+        self.q_bias, self.v_bias = attn.q_bias, attn.v_bias
+        if attn.k_bias is not None:
+            self.register_buffer('k_bias', attn.k_bias, persistent=False)
+        else:
+            self.k_bias = None
+        self.window_size = attn.window_size
+        self.relative_position_bias_table = attn.relative_position_bias_table
+        if attn.relative_position_index is not None:
+            self.register_buffer('relative_position_index', attn.relative_position_index, persistent=False)
+        else:
+            self.relative_position_index = None
+
+    def forward(self, x: torch.Tensor, shared_rel_pos_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if shared_rel_pos_bias is not None:
+            raise UnsupportedModelError('a shared relative position bias (use_shared_rel_pos_bias) is not supported')
+        return super().forward(x)
+
+    def qkv_bias(self) -> Optional[torch.Tensor]:
+        return None if self.q_bias is None else torch.cat([self.q_bias, self.k_bias, self.v_bias])
+
+    def _project(self, x: torch.Tensor, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if rows is not None:
+            return super()._project(x, rows)
+        bias = self.qkv_bias()
+        if bias is not None and self.qkv_bias_separate:
+            return self.qkv(x) + bias
+        return F.linear(x, self.qkv.weight, bias)
+
+    def _attend(self, q, k, v, attn_mask, is_causal, heads: Optional[torch.Tensor] = None,
+                rope: Optional[torch.Tensor] = None) -> torch.Tensor:
+        from timm.models.beit import Attention
+        B, _, N, _ = q.shape
+        bias = None
+        if self.relative_position_bias_table is not None:
+            bias = Attention._get_rel_pos_bias(self)                  # (1, all heads, N, N)
+            if heads is not None:
+                bias = bias[:, heads]
+        if self.fused_attn:
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
+                                               dropout_p=self.attn_drop.p if self.training else 0.)
+        else:
+            attn = (q * self.scale) @ k.transpose(-2, -1)
+            if bias is not None:
+                attn = attn + bias
+            x = self.attn_drop(attn.softmax(dim=-1)) @ v
+        return x.transpose(1, 2).reshape(B, N, -1)
 
 
 class MlpSlot(nn.Module):

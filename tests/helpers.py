@@ -82,13 +82,17 @@ QKV_BIASES = ('qkv.bias', 'q_bias', 'v_bias', 'q_proj.bias', 'v_proj.bias')
 
 
 def randomize_mixing(supernet, seed=0, std=0.02):
-    """Non-uniform head mixing at alpha=0.01, and value biases that exercise the conv padding."""
+    """Non-uniform head mixing at alpha=0.01, value biases that exercise the conv padding, and
+    relative position bias tables (BEiT's start at zero, which would hide a kept head reading
+    another head's column)."""
     g = torch.Generator().manual_seed(seed)
     for slot in supernet.attn_slots:
         slot.head_assign.data = torch.randn(slot.head_assign.shape, generator=g) * std
         for name, p in slot.named_parameters():
             if name in QKV_BIASES:
                 p.data = torch.randn(p.shape, generator=g) * 0.1
+            elif name == 'relative_position_bias_table':
+                p.data = torch.randn(p.shape, generator=g)
 
 
 def search_payload(supernet, data_config=None):

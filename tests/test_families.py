@@ -28,7 +28,9 @@ def inputs(supernet, batch=2):
 
 
 def kwargs_argv(kwargs):
-    return [f'{k}={json.dumps(list(v)) if isinstance(v, tuple) else v}' for k, v in kwargs.items()]
+    """``--model-kwargs`` as a user writes them (values read as YAML: tuples as lists, None as null)."""
+    return [f'{k}={json.dumps(list(v)) if isinstance(v, tuple) else json.dumps(v) if v is None else v}'
+            for k, v in kwargs.items()]
 
 
 def test_families_are_found_by_model_class():
@@ -117,8 +119,9 @@ def test_models_tool_table_and_check():
     assert [line.split('|')[1].strip() for line in r.stdout.splitlines()[2:]] == FAMILY_NAMES
     ok = tool('models.py', ['--check', 'deit_small_patch16_224'])
     assert ok.returncode == 0 and ok.stdout.strip() == 'deit_small_patch16_224: supported, family vit', ok.stderr
-    refused = tool('models.py', ['--check', 'beit_base_patch16_224'])
-    assert refused.returncode == 2 and refused.stderr.startswith('models.py: error: Beit is not supported')
+    refused = tool('models.py', ['--check', 'vit_relpos_small_patch16_224'])
+    assert refused.returncode == 2 and refused.stderr.startswith('models.py: error: VisionTransformerRelPos is not '
+                                                                 'supported')
     assert len(refused.stderr.strip().splitlines()) == 1 and refused.stdout == ''
 
 

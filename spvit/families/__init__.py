@@ -75,8 +75,8 @@ class Family:
 
 class TokenGridFamily(Family):
     """A plain ViT layout (``model.blocks`` on one patch grid after ``num_prefix_tokens`` tokens,
-    ``embed_dim`` wide, timm's ``q_norm`` on the attention): ViT and Eva share where the blocks
-    are and what their FLOPs depend on."""
+    ``embed_dim`` wide, timm's ``q_norm`` on the attention if it has one): ViT, Eva and BEiT share
+    where the blocks are and what their FLOPs depend on."""
 
     def layout(self, model: nn.Module) -> Layout:
         grid, npt = tuple(model.patch_embed.grid_size), model.num_prefix_tokens
@@ -87,7 +87,8 @@ class TokenGridFamily(Family):
         h, w = model.patch_embed.grid_size
         npt = model.num_prefix_tokens
         return [BlockDims(tokens=h * w + npt, patches=h * w, dim=model.embed_dim, heads=blk.attn.num_heads,
-                          hidden=mlp_hidden(blk.mlp), qk_norm=not isinstance(blk.attn.q_norm, nn.Identity),
+                          hidden=mlp_hidden(blk.mlp),
+                          qk_norm=not isinstance(getattr(blk.attn, 'q_norm', nn.Identity()), nn.Identity),
                           glu=is_glu(blk.mlp))
                 for blk in model.blocks]
 
@@ -158,6 +159,7 @@ def is_glu(mlp: nn.Module) -> bool:
 from . import vit  # noqa: E402,I001
 from . import swin  # noqa: E402,I001
 from . import eva  # noqa: E402,I001
+from . import beit  # noqa: E402,I001
 
 __all__ = ['Family', 'TokenGridFamily', 'FAMILIES', 'Layout', 'register_family', 'family_of', 'check_model', 'supported_table',
-           'check_mlp', 'mlp_hidden', 'is_glu', 'eva', 'swin', 'vit']
+           'check_mlp', 'mlp_hidden', 'is_glu', 'beit', 'eva', 'swin', 'vit']
