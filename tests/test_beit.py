@@ -129,17 +129,17 @@ def _randomize(model, seed=0):
             p.data = torch.randn(p.shape, generator=g) * 0.1 + 1
 
 
-def _supernet(i, fused=True, search_space='spvit'):
-    """Example ``i`` with random biases, tables and layer scale, its untouched copy, and its supernet."""
+def _supernet(i, fused=True, search_space='spvit', separate=False):
+    """Example ``i`` with random biases, tables and layer scale, its untouched copy, and its supernet;
+    timm's unfused attention unless ``fused``, the q/k/v bias added after the projection with
+    ``separate``."""
     name, kwargs = EXAMPLES[i]
     model = build(name, **kwargs)
     _randomize(model)
-    for blk in model.blocks:
-        blk.attn.fused_attn = fused
     original = build(name, **kwargs)
     original.load_state_dict(model.state_dict())
-    for blk in original.blocks:
-        blk.attn.fused_attn = fused
+    for blk in (*model.blocks, *original.blocks):
+        blk.attn.fused_attn, blk.attn.qkv_bias_separate = fused, separate
     supernet = spvit.attach_search_space(model, model_name=name, model_kwargs=kwargs, search_space=search_space)
     return supernet.eval(), original
 
@@ -219,6 +219,24 @@ def test_kept_heads_export_their_table_columns_and_compute_timms_attention(fused
         assert (attn(x) - full(x)).abs().max() <= 1e-5
         images = torch.randn(2, 3, 32, 32)
         assert (supernet.model.forward_features(images) - exported.forward_features(images)).abs().max() <= 1e-5
+
+
+def test_qkv_bias_added_separately(tmp_path):
+    """timm's ``qkv_bias_separate`` (the bias added after a bias-free projection; Beit's constructor
+    does not pass it, so a rebuilt model adds it inside the projection, the same sum): all gates
+    open equal timm, and kept heads export and reload as the pinned supernet computes."""
+    from spvit.export import export_supernet
+    supernet, original = _supernet(0, search_space='full', separate=True)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert (supernet.model.forward_features(x) - original.forward_features(x)).abs().max() <= 1e-5
+    arch = supernet.uniform_arch('msa', heads=2)
+    supernet.pin(arch)
+    path = str(tmp_path / 'pruned.pth')
+    export_supernet(supernet).save(path)
+    loaded = spvit.load_pruned(path)
+    with torch.no_grad():
+        assert (loaded.forward_features(x) - supernet.model.forward_features(x)).abs().max() <= 1e-5
 
 
 def test_kept_heads_refuse_a_shared_bias():

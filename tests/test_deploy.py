@@ -1,4 +1,4 @@
-"""Deployment through ONNX: the pruned model (every op, ViT and Swin) runs on ONNX Runtime with the
+"""Deployment through ONNX: the pruned model (every op, ViT, Swin and BEiT) runs on ONNX Runtime with the
 logits of PyTorch at any batch size, carries its data config and architecture, quantises to int8,
 and the tools refuse what they cannot do with one line."""
 import json
@@ -18,6 +18,7 @@ from helpers import SMALL, randomize_batchnorm, randomize_mixing, random_arch, s
 pytestmark = pytest.mark.slow
 
 SWIN = dict(FAMILIES['swin'].examples[0][1], num_classes=10)
+BEIT = dict(FAMILIES['beit'].examples[0][1], num_classes=10)
 DEIT_SMALL = dict(img_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=4, num_classes=10)
 CASES = {
     'vit_cls_heads': ('vit_tiny_patch16_224', SMALL, True),
@@ -25,6 +26,7 @@ CASES = {
     'deit_distilled': ('deit_tiny_distilled_patch16_224', DEIT_SMALL, False),
     'vit_registers': ('vit_tiny_patch16_224', dict(SMALL, reg_tokens=4, no_embed_class=True), True),
     'swin_heads': ('swin_tiny_patch4_window7_224', SWIN, True),
+    'beit_heads': ('beit_base_patch16_224', BEIT, True),
 }
 
 
