@@ -23,8 +23,9 @@ class BeitFamily(TokenGridFamily):
     handles = ('per-block relative position bias (msa only; kept heads keep their table columns), separate q/v '
                'biases, layer scale, absolute position embedding, SwiGLU MLPs (one gate per unit), average pooling '
                'with fc_norm or class-token pooling')
-    refuses = ('use_shared_rel_pos_bias (one bias shared by all blocks), scale_mlp (inner MLP norm), attn_head_dim '
-               'other than embed_dim / num_heads, a relative position bias over another grid than the patches')
+    refuses = ('use_shared_rel_pos_bias (one bias shared by all blocks; no timm pretrained BEiT has it), scale_mlp '
+               '(inner MLP norm), attn_head_dim other than embed_dim / num_heads, a relative position bias over '
+               'another grid than the patches')
     models = ('beit_base_patch16_*', 'beit_large_patch16_*', 'beitv2_*_patch16_224')
     examples = (
         # BEiT: per-block relative position bias, layer scale, average pooling with fc_norm, q/v biases
