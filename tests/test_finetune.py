@@ -112,8 +112,23 @@ def test_eval_tool_json_and_baseline(pruned, pretrained, image_folder):
     assert base['flops'] > out['flops'] and base['params'] > out['params']
 
 
+@pytest.mark.slow
+def test_fine_tune_continues_a_longer_schedule(pruned, image_folder, tmp_path):
+    """--sched-offset 1 of --sched-epochs 2: the one epoch runs the second half of the 2-epoch cosine, step for step."""
+    def lrs(out, *extra):
+        finetune_main(ft_args(pruned, image_folder, tmp_path / out, '--log-every', '1', '--min-lr', '0', *extra))
+        return [r['lr'] for r in map(json.loads, open(tmp_path / out / 'log.jsonl')) if r['kind'] == 'step']
+    whole = lrs('whole', '--epochs', '2')
+    second = lrs('second', '--epochs', '1', '--sched-epochs', '2', '--sched-offset', '1')
+    assert len(whole) == 2 * len(second) == 32
+    assert second == pytest.approx(whole[16:], rel=1e-9, abs=1e-12)
+    assert whole[15] == pytest.approx(whole[0] / 2, rel=0.02)      # mid-schedule: half the peak
+
+
 @pytest.mark.parametrize('argv,message', [
     (lambda p, d, t: ft_args(str(t / 'missing.pth'), d, t / 'o'), 'file not found'),
+    (lambda p, d, t: ft_args(p, d, t / 'o', '--epochs', '2', '--sched-offset', '1', '--sched-epochs', '2'),
+     'past the end of --sched-epochs 2'),
     (lambda p, d, t: ['--resume', p, '--workers', '0'], 'holds no training state'),
     (lambda p, d, t: ft_args(p, d, t / 'o', '--distill', 'soft', '--teacher', str(t / 'nope.pth')), 'teacher checkpoint not found'),
     (lambda p, d, t: ft_args(p, d + '/nope', t / 'o'), 'data dir not found'),
