@@ -12,9 +12,12 @@ selected on the test split. Search and fine-tunes see the first 2000 training im
 (--samples-per-class). Then per target ratio:
 
 - spvit: tools/search.py 1 epoch -> tools/export.py -> tools/finetune.py 1 epoch, both with soft
-  distillation from the original and the same weight lr. "1 epoch" is the searched model's top-1 at the end of the
-  search (the search's own evaluation of its pinned supernet, which export reproduces exactly),
-  "2 epochs" after the fine-tune.
+  distillation from the original and the same weight lr. "1 epoch" is the searched model's top-1 at
+  the end of a 1-epoch search (the search's own evaluation of its pinned supernet, which export
+  reproduces exactly). "2 epochs" is a second pipeline with one 2-epoch cosine, as the uniform
+  prune's 2-epoch fine-tune has: the search runs its first epoch (--sched-epochs 2), the fine-tune
+  its second (--sched-epochs 2 --sched-offset 1). "restarted": the 1-epoch search's model
+  fine-tuned 1 epoch with a fresh cosine.
 - uniform: tools/export.py --arch with every block msa and every MLP keeping the same number of
   units (the magnitude-kept ones), at the FLOPs of the target; fine-tuned 1 and 2 epochs with the
   same recipe. Below the ratio where all-msa leaves no MLP budget there is no such baseline.
@@ -33,7 +36,7 @@ import json
 import os
 import shlex
 import sys
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -113,31 +116,51 @@ UNIFORM = {'uniform': False, 'uniform-heads': True}
 METHODS = (*SEARCHED, *UNIFORM)
 
 
-def run_searched(method: str, ratio: float, out: str, start: str, common: List[str], lr: str,
-                 ft: List[str]) -> Dict[str, Any]:
+def search_and_finetune(method: str, ratio: float, out: str, start: str, common: List[str], lr: str, ft: List[str],
+                        suffix: str = '', search_extra: Sequence[str] = (), ft_extra: Sequence[str] = ()) -> Dict[str, Any]:
+    """One search -> export -> one fine-tune epoch, each step cached under ``out`` (folder names end
+    in ``suffix``); returns the search's final payload, its budget figures and both top-1s."""
     import shutil
     import torch
     prefix = '' if method == 'spvit' else f'{method}-'      # the paper's space keeps its folder names
-    search = os.path.join(out, f'{prefix}search')
+    search = os.path.join(out, f'{prefix}search{suffix}')
     if not finished(search, 1):
         sh([*tool('search.py'), *MODEL, *common, '--checkpoint', start, '--output-dir', search, '--target-ratio',
-            str(ratio), '--epochs', '1', '--lr', lr, '--distill', 'soft', '--search-space', SEARCHED[method]])
-    final = torch.load(os.path.join(search, 'search-final.pth'), map_location='cpu', weights_only=True)
-    steps = step_records(search)
-    moves = [abs(a['gflops'] - b['gflops']) for a, b in zip(steps, steps[1:])]
-    pruned = os.path.join(out, f'{method}.pth')
-    ft_dir = os.path.join(out, f'{method}-finetune')
-    if not os.path.exists(pruned) or os.path.getmtime(pruned) < os.path.getmtime(os.path.join(search, 'search-final.pth')):
-        sh([*tool('export.py'), '--search', os.path.join(search, 'search-final.pth'), '--output', pruned, '--force'])
+            str(ratio), '--epochs', '1', *search_extra, '--lr', lr, '--distill', 'soft',
+            '--search-space', SEARCHED[method]])
+    final_path = os.path.join(search, 'search-final.pth')
+    pruned = os.path.join(out, f'{method}{suffix and "-" + suffix}.pth')
+    ft_dir = os.path.join(out, f'{method}-finetune{suffix}')
+    if not os.path.exists(pruned) or os.path.getmtime(pruned) < os.path.getmtime(final_path):
+        sh([*tool('export.py'), '--search', final_path, '--output', pruned, '--force'])
         shutil.rmtree(ft_dir, ignore_errors=True)          # a fine-tune of the previous export
     if not finished(ft_dir, 1):
-        sh([*tool('finetune.py'), '--pruned', pruned, *common, '--output-dir', ft_dir, '--epochs', '1', *ft])
+        sh([*tool('finetune.py'), '--pruned', pruned, *common, '--output-dir', ft_dir, '--epochs', '1', *ft_extra, *ft])
+    final = torch.load(final_path, map_location='cpu', weights_only=True)
+    steps = step_records(search)
+    moves = [abs(a['gflops'] - b['gflops']) for a, b in zip(steps, steps[1:])]
+    return {'final': final, 'off_target': final['achieved_gflops'] / final['target_gflops'] - 1,
+            'max_move': max(moves, default=0.0) / final['original_gflops'],
+            'searched': last_epoch(search)['val_top1'], 'finetuned': last_epoch(ft_dir)['val_top1']}
+
+
+def run_searched(method: str, ratio: float, out: str, start: str, common: List[str], lr: str,
+                 ft: List[str]) -> Dict[str, Any]:
+    """Two pipelines, as the uniform prune's two fine-tunes are two runs: "1 epoch" is a 1-epoch
+    search (its own cosine, to the floor); "2 epochs" is a search that runs the first epoch of a
+    2-epoch cosine and a fine-tune that runs the second (--sched-epochs 2 --sched-offset 1), the one
+    schedule the uniform prune's 2-epoch fine-tune has. The budget and move columns are the 1-epoch
+    search's; ``restart`` is that search's model fine-tuned with a fresh cosine (what a fine-tune
+    with its own schedule does after it)."""
+    one = search_and_finetune(method, ratio, out, start, common, lr, ft)
+    two = search_and_finetune(method, ratio, out, start, common, lr, ft, suffix='2', search_extra=['--sched-epochs', '2'],
+                              ft_extra=['--sched-epochs', '2', '--sched-offset', '1'])
+    final = one['final']
     return {
         'gflops': final['achieved_gflops'], 'target_gflops': final['target_gflops'],
-        'off_target': final['achieved_gflops'] / final['target_gflops'] - 1,
-        'max_move': max(moves, default=0.0) / final['original_gflops'],
-        'top1_1': last_epoch(search)['val_top1'], 'top1_2': last_epoch(ft_dir)['val_top1'],
-        'arch': final['arch']['blocks'],
+        'off_target': [one['off_target'], two['off_target']], 'max_move': [one['max_move'], two['max_move']],
+        'top1_1': one['searched'], 'top1_2': two['finetuned'], 'top1_restart': one['finetuned'],
+        'arch': final['arch']['blocks'], 'arch_2': two['final']['arch']['blocks'],
     }
 
 
@@ -184,23 +207,28 @@ def arch_text(blocks: List[Dict[str, Any]]) -> str:
 def table(start: Dict[str, Any], results: List[Dict[str, Any]], methods: List[str]) -> str:
     lines = [f"original: {start['gflops']:.4f} GFLOPs, top-1 {start['top1']:.2f}% on the Fashion-MNIST test images",
              '',
-             '| ratio | method | GFLOPs | off target | max move | top-1, 1 epoch | top-1, 2 epochs | architecture |',
-             '|---|---|---|---|---|---|---|---|']
+             '| ratio | method | GFLOPs | off target | max move | top-1, 1 epoch | top-1, 2 epochs | 2 epochs, restarted '
+             '| architecture |',
+             '|---|---|---|---|---|---|---|---|---|']
     for r in results:
         for method in methods:
             m = r.get(method)
             if m is None and method in UNIFORM:
-                lines.append(f"| {r['ratio']:g} | {method} | - | - | - | - | - | all-msa costs more than the budget |")
+                lines.append(f"| {r['ratio']:g} | {method} | - | - | - | - | - | | all-msa costs more than the budget |")
             elif method in SEARCHED:
-                lines.append(f"| {r['ratio']:g} | {method} | {m['gflops']:.4f} | {m['off_target']:+.1%} | "
-                             f"{m['max_move']:.1%} | {m['top1_1']:.2f} | {m['top1_2']:.2f} | {arch_text(m['arch'])} |")
+                off, move = (' / '.join(f'{v:{f}}' for v in m[k]) for k, f in (('off_target', '+.1%'), ('max_move', '.1%')))
+                lines.append(f"| {r['ratio']:g} | {method} | {m['gflops']:.4f} | {off} | {move} | {m['top1_1']:.2f} | "
+                             f"{m['top1_2']:.2f} | {m['top1_restart']:.2f} | {arch_text(m['arch'])} |")
             else:
                 heads = f" with {m['heads']} heads" if UNIFORM[method] else ''
                 lines.append(f"| {r['ratio']:g} | {method} | {m['gflops']:.4f} | | | {m['top1_1']:.2f} | "
-                             f"{m['top1_2']:.2f} | A/{m['hidden']}{heads} in every block |")
+                             f"{m['top1_2']:.2f} | | A/{m['hidden']}{heads} in every block |")
     lines.append('')
-    lines.append('A = msa (A2: keeps 2 heads), C3 = conv3x3, C1 = conv1x1, S = skip, /N: MLP units kept; max move: '
-                 'largest GFLOPs change between two log steps of the search, as a share of the original FLOPs.')
+    lines.append('A = msa (A2: keeps 2 heads), C3 = conv3x3, C1 = conv1x1, S = skip, /N: MLP units kept (the 1-epoch '
+                 "search's architecture); off target and max move (the largest GFLOPs change between two log steps, "
+                 "as a share of the original FLOPs): the 1-epoch search / the 2-epoch schedule's search; 2 epochs: "
+                 "searched methods run one 2-epoch cosine over search and fine-tune, as the uniform prune's 2-epoch "
+                 "fine-tune does; restarted: the 1-epoch search's model fine-tuned with a fresh 1-epoch cosine.")
     return '\n'.join(lines)
 
 
