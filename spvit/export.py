@@ -39,8 +39,8 @@ _HEADS = {'relative_position_bias_table': 1, 'logit_scale': 0, 'cpb_mlp.2.weight
 
 def _msa_state(slot: AttentionSlot) -> Dict[str, Tensor]:
     """The original attention's weights (Swin's relative position bias table, Eva's q/v biases or
-    separate projections, Swin V2's logit scales and position-bias MLP), without what the search added; of the kept heads only, if the slot
-    keeps some."""
+    separate projections, Swin V2's logit scales and position-bias MLP), without what the search
+    added; of the kept heads only, if the slot keeps some."""
     state = {k: v.detach() for k, v in slot.state_dict().items() if not k.startswith(SEARCH_ONLY)}
     if slot.pinned_heads is not None:
         rows, cols = slot.head_channels(slot.pinned_heads)

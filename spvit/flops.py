@@ -105,17 +105,18 @@ def gated_block_flops(b: BlockDims, attn_gates: torch.Tensor, mlp_gates: torch.T
     """F_attn + F_mlp of one block as a function of its gate values (differentiable).
 
     F_attn = I1 F_c1 + I2 (F_c3 - F_c1) + I3 (F_msa - F_c3) with I = cumprod(g); with head gates
-    F_msa = F_shared + (F_msa(one head) - F_shared) * (sum(head gates) + prod(1 - head gates)), F_shared
-    what msa costs whatever its heads (Swin V2's position-bias MLP input layer and post-norm; else
-    nothing): msa keeps at least one head
-    (the architecture keeps the one of highest logit), so closing the last one saves nothing.
+    F_msa = F_shared + (F_msa(one head) - F_shared) * (sum(head gates) + prod(1 - head gates)), with
+    F_shared what msa costs whatever heads it keeps (Swin V2's position-bias MLP input layer and
+    post-norm; else nothing): msa keeps at least one head (the architecture keeps the one of highest
+    logit), so closing the last one saves nothing.
     Without ``conv3x3`` (left out of the block's choices, its state computes conv1x1) F_c3 = F_c1.
     """
     i = torch.cumprod(attn_gates, 0)
     f1 = _conv1x1(b)
     f3 = _conv3x3(b) if conv3x3 else f1
     shared = _msa_shared(b)
-    fm = _msa(b) if head_gates is None else shared + (_msa(b, 1) - shared) * (head_gates.sum() + torch.prod(1 - head_gates))
+    heads = None if head_gates is None else head_gates.sum() + torch.prod(1 - head_gates)
+    fm = _msa(b) if heads is None else shared + (_msa(b, 1) - shared) * heads
     f_attn = i[0] * f1 + i[1] * (f3 - f1) + i[2] * (fm - f3)
     return f_attn + mlp_flops(b, 1) * mlp_gates.sum()
 

@@ -71,8 +71,8 @@ class SwinV2Family(Family):
         for blk in self.blocks(model):
             (h, w), (wh, ww) = blk.input_resolution, blk.window_size
             cpb_in = blk.attn.cpb_mlp[0]
-            dims.append(BlockDims(tokens=wh * ww, patches=wh * ww, dim=blk.attn.qkv.in_features, heads=blk.attn.num_heads,
-                                  hidden=mlp_hidden(blk.mlp), windows=(h // wh) * (w // ww),
+            dims.append(BlockDims(tokens=wh * ww, patches=wh * ww, dim=blk.attn.qkv.in_features,
+                                  heads=blk.attn.num_heads, hidden=mlp_hidden(blk.mlp), windows=(h // wh) * (w // ww),
                                   cpb_coords=(2 * wh - 1) * (2 * ww - 1), cpb_hidden=cpb_in.out_features,
                                   attn_norm=True))
         return dims
