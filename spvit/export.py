@@ -33,13 +33,14 @@ SEARCH_ONLY = ('head_assign', 'gate_logits', 'head_logits', 'bn1.', 'bn3.')
 _ROWS = ('qkv.weight', 'qkv.bias')
 _CHANNELS = {'proj.weight': 1, 'q_bias': 0, 'v_bias': 0, 'q_proj.weight': 0, 'q_proj.bias': 0, 'k_proj.weight': 0,
              'v_proj.weight': 0, 'v_proj.bias': 0}
-_HEADS = {'relative_position_bias_table': 1}
+# (Swin V2: a logit scale per head, a row of the position-bias MLP's last layer per head)
+_HEADS = {'relative_position_bias_table': 1, 'logit_scale': 0, 'cpb_mlp.2.weight': 0}
 
 
 def _msa_state(slot: AttentionSlot) -> Dict[str, Tensor]:
     """The original attention's weights (Swin's relative position bias table, Eva's q/v biases or
-    separate projections), without what the search added; of the kept heads only, if the slot
-    keeps some."""
+    separate projections, Swin V2's logit scales and position-bias MLP), without what the search
+    added; of the kept heads only, if the slot keeps some."""
     state = {k: v.detach() for k, v in slot.state_dict().items() if not k.startswith(SEARCH_ONLY)}
     if slot.pinned_heads is not None:
         rows, cols = slot.head_channels(slot.pinned_heads)

@@ -31,26 +31,44 @@ class BlockDims:
     windows: int = 1
     qk_norm: bool = False     # msa normalises q and k (timm's qk_norm=True)
     glu: bool = False         # gated-linear-unit MLP: a hidden unit has two input rows (gate and value)
+    # msa's position-bias MLP (Swin V2's cpb_mlp: 2 -> cpb_hidden -> heads), run once per block on
+    # cpb_coords relative coordinates, whatever the batch
+    cpb_coords: int = 0
+    cpb_hidden: int = 0
+    # the attention branch's own norm sits after the op (post-norm, Swin V2) and goes with a skipped
+    # attention: counted in every op but skip (5 per element, as fvcore counts an affine norm)
+    attn_norm: bool = False
 
     @property
     def head_dim(self) -> int:
         return self.dim // self.heads
 
 
+def _attn_norm(b: BlockDims) -> int:
+    return b.windows * 5 * b.tokens * b.dim if b.attn_norm else 0
+
+
 def _msa(b: BlockDims, heads: Optional[int] = None) -> int:
     """qkv, q k^T, attn v and the projection; each is linear in the kept heads' width h * hd. With
-    qk-norm, the two affine norms over q and k (5 per element, as fvcore counts a norm)."""
+    qk-norm, the two affine norms over q and k (5 per element, as fvcore counts a norm); with a
+    position-bias MLP, its two layers (the last one has a row per kept head)."""
     n, d = b.tokens, b.dim
     width = d if heads is None else heads * b.head_dim
-    return b.windows * (4 * n * d * width + 2 * n * n * width + (2 * 5 * n * width if b.qk_norm else 0))
+    return (b.windows * (4 * n * d * width + 2 * n * n * width + (2 * 5 * n * width if b.qk_norm else 0))
+            + b.cpb_coords * b.cpb_hidden * (b.heads if heads is None else heads) + _msa_shared(b))
+
+
+def _msa_shared(b: BlockDims) -> int:
+    """What msa costs whatever heads it keeps: the position-bias MLP's first layer, the post-norm."""
+    return b.cpb_coords * 2 * b.cpb_hidden + _attn_norm(b)
 
 
 def _conv3x3(b: BlockDims) -> int:
-    return b.windows * b.patches * (9 * b.dim * b.head_dim + b.head_dim * b.dim)
+    return b.windows * b.patches * (9 * b.dim * b.head_dim + b.head_dim * b.dim) + _attn_norm(b)
 
 
 def _conv1x1(b: BlockDims) -> int:
-    return b.windows * b.patches * 2 * b.dim * b.head_dim
+    return b.windows * b.patches * 2 * b.dim * b.head_dim + _attn_norm(b)
 
 
 ATTN_FLOPS: Dict[str, Callable[[BlockDims], int]] = {
@@ -87,14 +105,18 @@ def gated_block_flops(b: BlockDims, attn_gates: torch.Tensor, mlp_gates: torch.T
     """F_attn + F_mlp of one block as a function of its gate values (differentiable).
 
     F_attn = I1 F_c1 + I2 (F_c3 - F_c1) + I3 (F_msa - F_c3) with I = cumprod(g); with head gates
-    F_msa = F_msa(one head) * (sum(head gates) + prod(1 - head gates)): msa keeps at least one head
-    (the architecture keeps the one of highest logit), so closing the last one saves nothing.
+    F_msa = F_shared + (F_msa(one head) - F_shared) * (sum(head gates) + prod(1 - head gates)), with
+    F_shared what msa costs whatever heads it keeps (Swin V2's position-bias MLP input layer and
+    post-norm; else nothing): msa keeps at least one head (the architecture keeps the one of highest
+    logit), so closing the last one saves nothing.
     Without ``conv3x3`` (left out of the block's choices, its state computes conv1x1) F_c3 = F_c1.
     """
     i = torch.cumprod(attn_gates, 0)
     f1 = _conv1x1(b)
     f3 = _conv3x3(b) if conv3x3 else f1
-    fm = _msa(b) if head_gates is None else _msa(b, 1) * (head_gates.sum() + torch.prod(1 - head_gates))
+    shared = _msa_shared(b)
+    heads = None if head_gates is None else head_gates.sum() + torch.prod(1 - head_gates)
+    fm = _msa(b) if heads is None else shared + (_msa(b, 1) - shared) * heads
     f_attn = i[0] * f1 + i[1] * (f3 - f1) + i[2] * (fm - f3)
     return f_attn + mlp_flops(b, 1) * mlp_gates.sum()
 

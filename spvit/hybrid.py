@@ -78,9 +78,9 @@ def check_token_path(model: nn.Module, arch: Architecture) -> None:
 
 def hybridize(model: nn.Module, arch: Architecture) -> nn.Module:
     """Give an unmodified timm model the structure of ``arch``, in place: attention modules
-    replaced per op (a skipped block loses its attention pre-norm as well, which nothing would
-    read), msa with kept heads narrowed to them, MLPs shrunk to their kept width. Weights of
-    replaced parts are random; the exporter and ``load_pruned`` fill them from a state dict."""
+    replaced per op (a skipped block loses its attention norm as well: a pre-norm that nothing would
+    read, or a post-norm that would add its bias to the zero branch), msa with kept heads narrowed
+    to them, MLPs shrunk to their kept width. Weights of replaced parts are random; the exporter and ``load_pruned`` fill them from a state dict."""
     family = family_of(model)
     blocks = family.layout(model)
     arch.validate([mlp_hidden(blk.mlp) for blk, _, _ in blocks],
@@ -92,7 +92,7 @@ def hybridize(model: nn.Module, arch: Architecture) -> nn.Module:
         blk.attn = ATTENTION_BUILDERS[b.attn](blk.attn, grid, npt)
         if b.heads is not None and len(b.heads) < blk.attn.num_heads:
             blk.attn = family.keep_heads(blk.attn, len(b.heads))
-        if b.attn == 'skip':        # the whole attention branch goes, its pre-norm too
+        if b.attn == 'skip':        # the whole attention branch goes, its norm too (pre- or post-norm)
             blk.norm1 = nn.Identity()
         if b.mlp_hidden != mlp_hidden(blk.mlp):
             prune_mlp(blk.mlp, b.mlp_hidden)

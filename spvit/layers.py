@@ -2,6 +2,7 @@
 when it turns into a convolution, is skipped, or keeps only some of its heads. No search code."""
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 from timm.layers import apply_rot_embed_cat
 from timm.models.beit import Attention as BeitAttention
 from timm.models.eva import EvaAttention
+from timm.models.swin_transformer_v2 import WindowAttention as SwinV2WindowAttention
 
 from .errors import UnsupportedModelError
 
@@ -29,7 +31,8 @@ class ConvAttention(nn.Module):
     as in the search. In a Swin block the tokens are one window (no prefix tokens) and the conv
     pads at the window border. ``attn_mask``/``is_causal`` (ViT), ``mask`` (Swin's shift mask),
     ``rope`` (Eva) and ``shared_rel_pos_bias`` (BEiT) are accepted because timm's blocks pass them;
-    a conv has nothing to mask and reads its positions from the grid.
+    a conv has nothing to mask and reads its positions from the grid. In a Swin V2 block the block's
+    post-norm follows (timm's ``norm1``), as it follows msa.
     """
 
     def __init__(
@@ -76,7 +79,9 @@ class ConvAttention(nn.Module):
 
 
 class NoAttention(nn.Module):
-    """A skipped attention: the branch adds zero, so the block keeps only its residual (and MLP)."""
+    """A skipped attention: the branch adds zero, so the block keeps only its residual (and MLP).
+    The block's attention norm is dropped with it (``hybridize``): a pre-norm would feed nothing, a
+    post-norm (Swin V2) would add its bias to the zero branch."""
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False,
                 mask: Optional[torch.Tensor] = None, rope: Optional[torch.Tensor] = None,
@@ -182,3 +187,77 @@ class BeitHeadAttention(BeitAttention):
                 attn = attn + rel_pos_bias
             x = self.attn_drop(attn.softmax(dim=-1)) @ v
         return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, -1)))
+
+
+def swinv2_position_bias(attn: nn.Module) -> torch.Tensor:
+    """Swin V2's continuous relative position bias of every head of ``attn`` (heads, N, N): the
+    ``cpb_mlp`` of the log-spaced coordinates, gathered per token pair, through 16 * sigmoid, as
+    timm's ``WindowAttention`` computes it. One output column of the MLP per head."""
+    n = attn.window_size[0] * attn.window_size[1]
+    table = attn.cpb_mlp(attn.relative_coords_table).view(-1, attn.num_heads)
+    bias = table[attn.relative_position_index.view(-1)].view(n, n, -1).permute(2, 0, 1).contiguous()
+    return 16 * torch.sigmoid(bias)
+
+
+def cosine_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, logit_scale: torch.Tensor,
+                            position_bias: torch.Tensor, mask: Optional[torch.Tensor], attn_drop: nn.Module
+                            ) -> torch.Tensor:
+    """Swin V2's attention of q, k, v (windows * B, heads, N, hd) as timm computes it: cosine
+    similarity times the per-head learned scale (clamped at log 100, exp), the position bias
+    (heads, N, N) and the shift mask (windows, N, N) added. Returns (windows * B, heads, N, hd)."""
+    _, heads, n, _ = q.shape
+    attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
+    attn = attn * torch.clamp(logit_scale, max=math.log(1. / 0.01)).exp()
+    attn = attn + position_bias.unsqueeze(0)
+    if mask is not None:
+        num_win = mask.shape[0]
+        attn = (attn.view(-1, num_win, heads, n, n) + mask.unsqueeze(1).unsqueeze(0)).view(-1, heads, n, n)
+    return attn_drop(attn.softmax(dim=-1)) @ v
+
+
+class SwinV2HeadAttention(SwinV2WindowAttention):
+    """timm Swin V2 ``WindowAttention`` over ``num_heads`` heads of ``head_dim`` each, whatever the
+    block width: what it becomes when some heads are pruned (timm's forward reshapes the heads'
+    output to the input width, which fewer heads do not fill). Same parameters and state-dict keys:
+    the fused qkv with q/v biases, one ``logit_scale`` entry per kept head and one output row of the
+    position-bias MLP's last layer per kept head (its first layer is shared by the heads)."""
+
+    def __init__(
+            self,
+            dim: int,
+            window_size: Tuple[int, int],
+            num_heads: int,
+            head_dim: int,
+            qkv_bias: bool = True,
+            qkv_bias_separate: bool = False,
+            attn_drop: float = 0.,
+            proj_drop: float = 0.,
+            pretrained_window_size: Tuple[int, int] = (0, 0),
+            device=None,
+            dtype=None,
+    ) -> None:
+        dd = {'device': device, 'dtype': dtype}
+        super().__init__(dim, window_size, num_heads, qkv_bias=qkv_bias, qkv_bias_separate=qkv_bias_separate,
+                         attn_drop=attn_drop, proj_drop=proj_drop, pretrained_window_size=pretrained_window_size, **dd)
+        width = num_heads * head_dim
+        self.head_dim = head_dim
+        self.qkv = nn.Linear(dim, 3 * width, bias=False, **dd)
+        if qkv_bias:
+            self.q_bias = nn.Parameter(torch.zeros(width, **dd))
+            self.k_bias = torch.zeros(width, **dd)      # timm's non-persistent zero buffer
+            self.v_bias = nn.Parameter(torch.zeros(width, **dd))
+        self.proj = nn.Linear(width, dim, **dd)
+
+    def extra_repr(self) -> str:
+        return f'heads={self.num_heads}, head_dim={self.head_dim}'
+
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        B_, N, _ = x.shape
+        if self.q_bias is None:
+            qkv = self.qkv(x)
+        else:
+            bias = torch.cat((self.q_bias, self.k_bias, self.v_bias))
+            qkv = self.qkv(x) + bias if self.qkv_bias_separate else F.linear(x, self.qkv.weight, bias)
+        q, k, v = qkv.reshape(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        x = cosine_window_attention(q, k, v, self.logit_scale, swinv2_position_bias(self), mask, self.attn_drop)
+        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B_, N, -1)))

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from .arch import ATTN_OPS
 from .errors import UnsupportedModelError
 from .gates import attention_coefficients, attention_gates, hold_conv3x3_open, sample_gates
-from .layers import rotate_patch_tokens
+from .layers import cosine_window_attention, rotate_patch_tokens, swinv2_position_bias
 from .mixing import (CENTER, OFFSETS, border_bias, border_mask, conv3x3_weight, head_mixing, mix_heads, mix_output,
                      mix_value, shifted_sum)
 
@@ -36,8 +36,8 @@ class AttentionSlot(nn.Module):
         super().__init__()
         self.num_heads = attn.num_heads
         self.head_dim = attn.proj.in_features // attn.num_heads
-        self.scale = attn.scale
-        self.fused_attn = attn.fused_attn
+        self.scale = getattr(attn, 'scale', None)          # Swin V2's cosine attention has none
+        self.fused_attn = getattr(attn, 'fused_attn', False)
         self.grid_size = tuple(grid_size)
         self.num_prefix_tokens = num_prefix_tokens
         self.alpha = alpha
@@ -162,20 +162,10 @@ class AttentionSlot(nn.Module):
         B, N, _ = x.shape
         qkv = self._project(x).reshape(B, N, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        a = self._attend(q, k, v, attn_mask, is_causal, rope=rope)
-        if self.head_logits is not None:      # the kept heads of msa
-            hg = self.head_values if self.head_values is not None else sample_gates(self.head_logits, self.training,
-                                                                                  self.gate_noise)
-            a = a * hg.repeat_interleave(self.head_dim)
+        a = self._gate_heads(self._attend(q, k, v, attn_mask, is_causal, rope=rope))
         if not self.op_gates:                 # a space without conv ops: msa in every block
             return self.proj_drop(self.proj(a))
-        gates = self.gate_values if self.gate_values is not None else attention_gates(self.gate_logits, self.training,
-                                                                                      self.gate_noise)
-        if self.conv3x3_left_out:
-            gates = hold_conv3x3_open(gates)
-        c_msa, c3, c1 = attention_coefficients(gates).unbind(0)
-        if self.conv3x3_left_out:           # the conv3x3 state computes conv1x1
-            c1, c3 = c1 + c3, torch.zeros_like(c3)
+        c_msa, c3, c1 = self._op_coefficients()
 
         # O_k = sum_h P[h,k] W_o^h, so a conv output O z is the MSA projection of z placed in
         # every head slot h with weight sum_k P[h,k] (conv3x3) or P[h,centre] (conv1x1): the conv
@@ -191,6 +181,25 @@ class AttentionSlot(nn.Module):
             out = out + torch.cat([(b * c_msa).expand(self.num_prefix_tokens, -1),
                                    (b * (c_msa + c3 + c1)).expand(N - self.num_prefix_tokens, -1)])
         return self.proj_drop(out)
+
+    def _gate_heads(self, a: torch.Tensor) -> torch.Tensor:
+        """msa's output (B, N, width) with each head times its gate (as it is without head gates)."""
+        if self.head_logits is None:
+            return a
+        hg = self.head_values if self.head_values is not None else sample_gates(self.head_logits, self.training,
+                                                                              self.gate_noise)
+        return a * hg.repeat_interleave(self.head_dim)
+
+    def _op_coefficients(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The weights of msa, conv3x3 and conv1x1 in the gated mixture (skip: all zero)."""
+        gates = self.gate_values if self.gate_values is not None else attention_gates(self.gate_logits, self.training,
+                                                                                      self.gate_noise)
+        if self.conv3x3_left_out:
+            gates = hold_conv3x3_open(gates)
+        c_msa, c3, c1 = attention_coefficients(gates).unbind(0)
+        if self.conv3x3_left_out:           # the conv3x3 state computes conv1x1
+            c1, c3 = c1 + c3, torch.zeros_like(c3)
+        return c_msa, c3, c1
 
     def _conv_branches(self, v: torch.Tensor, mix: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """conv3x3 and conv1x1 activations (B, P, hd) from the value projection that MSA already
@@ -425,6 +434,109 @@ class BeitAttentionSlot(AttentionSlot):
                 attn = attn + bias
             x = self.attn_drop(attn.softmax(dim=-1)) @ v
         return x.transpose(1, 2).reshape(B, N, -1)
+
+
+class AttentionPostNorm(nn.Module):
+    """A post-norm block's attention norm (Swin V2: ``x + norm1(attn(x))``) while the block's
+    attention slot applies it: the slot normalises each op's output before the gates mix them, so a
+    skipped attention adds exactly zero (the norm of a zero branch is the norm's bias). The block's
+    own call passes its input through. Holds the LayerNorm's parameters under its keys
+    (``norm1.weight``, ``norm1.bias``), so the supernet's state dict is the model's."""
+
+    def __init__(self, norm: nn.LayerNorm) -> None:
+        super().__init__()
+        self.normalized_shape = tuple(norm.normalized_shape)
+        self.eps = norm.eps
+        self.weight = norm.weight
+        self.bias = norm.bias
+
+    def extra_repr(self) -> str:
+        return f'{self.normalized_shape}, eps={self.eps}, applied by the attention slot'
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+class SwinV2AttentionSlot(AttentionSlot):
+    """The same four ops on the windows of a timm Swin V2 block, with the block's post-norm.
+
+    msa is V2's cosine attention: normalised q and k, a learned per-head ``logit_scale`` and the
+    continuous position bias of ``cpb_mlp`` (one output row of its last layer per head); a msa that
+    keeps some heads keeps their entries of both. q and v have biases beside a bias-free fused qkv (k
+    has none). The conv ops read only v (bias ``v_bias``) and the output projection, so none of the
+    cosine attention's parameters reach them; they run on each window, zero-padded at its border.
+
+    The block adds ``norm1(attn(x))``: the slot applies that norm to each op's output and the gates
+    mix the normalised outputs, skip adding exactly zero, as the pruned model (which drops the norm
+    with a skipped attention) does; the block's ``norm1`` is an ``AttentionPostNorm`` meanwhile.
+    """
+
+    def __init__(
+            self,
+            attn: nn.Module,
+            post_norm: AttentionPostNorm,
+            theta0: float = 1.5,
+            alpha: float = 0.01,
+            head_gates: bool = False,
+    ) -> None:
+        super().__init__(attn, attn.window_size, 0, theta0=theta0, alpha=alpha, head_gates=head_gates)
+        self.window_size = tuple(attn.window_size)
+        self.qkv_bias_separate = attn.qkv_bias_separate
+        self.q_bias, self.v_bias = attn.q_bias, attn.v_bias
+        if attn.k_bias is not None:
+            self.register_buffer('k_bias', attn.k_bias, persistent=False)
+        else:
+            self.k_bias = None
+        self.logit_scale = attn.logit_scale
+        self.cpb_mlp = attn.cpb_mlp
+        self.register_buffer('relative_coords_table', attn.relative_coords_table, persistent=False)
+        self.register_buffer('relative_position_index', attn.relative_position_index, persistent=False)
+        # not a submodule: its parameters are the block's norm1 (one copy, the model's state-dict keys)
+        object.__setattr__(self, 'post_norm', post_norm)
+
+    def qkv_bias(self) -> Optional[torch.Tensor]:
+        return None if self.q_bias is None else torch.cat([self.q_bias, self.k_bias, self.v_bias])
+
+    def _project(self, x: torch.Tensor, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if rows is not None:
+            return super()._project(x, rows)
+        bias = self.qkv_bias()
+        if bias is not None and self.qkv_bias_separate:
+            return self.qkv(x) + bias
+        return F.linear(x, self.qkv.weight, bias)
+
+    def _attend(self, q, k, v, mask, is_causal, heads: Optional[torch.Tensor] = None,
+                rope: Optional[torch.Tensor] = None) -> torch.Tensor:
+        B_, _, N, _ = q.shape
+        bias, scale = swinv2_position_bias(self), self.logit_scale        # every head's
+        if heads is not None:
+            bias, scale = bias[heads], scale[heads]
+        x = cosine_window_attention(q, k, v, scale, bias, mask, self.attn_drop)
+        return x.transpose(1, 2).reshape(B_, N, -1)
+
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        norm = self.post_norm.normalize
+        if self.pinned_op is not None:
+            out = self._forward_pinned(x, mask, False)
+            return out if self.pinned_op == 'skip' else norm(out)
+        B, N, _ = x.shape
+        qkv = self._project(x).reshape(B, N, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        msa = norm(self.proj_drop(self.proj(self._gate_heads(self._attend(q, k, v, mask, False)))))
+        if not self.op_gates:                 # a space without conv ops: msa in every block
+            return msa
+        c_msa, c3, c1 = self._op_coefficients()
+        # each op's output normalised on its own: the norm is not linear, so the ops cannot share
+        # one projection and one norm as in a pre-norm block; skip contributes no term at all
+        mix = self.mixing()
+        z3, z1 = self._conv_branches(v, mix)
+        out_w = mix_output(self.proj.weight, mix)
+        conv3 = norm(self.proj_drop(F.linear(z3, out_w.sum(0), self.proj.bias)))
+        conv1 = norm(self.proj_drop(F.linear(z1, out_w[CENTER], self.proj.bias)))
+        return msa * c_msa + conv3 * c3 + conv1 * c1
 
 
 class MlpSlot(nn.Module):

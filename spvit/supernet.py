@@ -134,7 +134,8 @@ class SuperNet(nn.Module):
             if self.space.ops:
                 costs.append(torch.tensor([f1, f3 - f1, fm - f3], dtype=torch.float64) / self.original_flops)
             if a.head_logits is not None:
-                costs.append(torch.full((a.num_heads,), attn_flops(b, 'msa', 1) / self.original_flops, dtype=torch.float64))
+                per_head = attn_flops(b, 'msa', 2) - attn_flops(b, 'msa', 1)     # less what msa shares (Swin V2)
+                costs.append(torch.full((a.num_heads,), per_head / self.original_flops, dtype=torch.float64))
             costs.append(torch.full((m.hidden_features,), mlp_flops(b, 1) / self.original_flops, dtype=torch.float64))
         return [c.float() for c in costs]
 

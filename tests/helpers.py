@@ -18,7 +18,19 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def build(name, **kwargs):
     torch.manual_seed(0)
     model = timm.create_model(name, **kwargs)
+    wake_post_norms(model)
     return model.eval()
+
+
+def wake_post_norms(model, seed=0):
+    """timm's Swin V2 starts its residual post-norms at zero (weight and bias), which makes every
+    block the identity and hides what the attention and MLP compute, skip's norm bias included:
+    give them random non-trivial affine parameters. Other models are left as they are."""
+    g = torch.Generator().manual_seed(seed)
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.LayerNorm) and name.endswith(('norm1', 'norm2')) and not m.weight.any():
+            m.weight.data = torch.rand(m.weight.shape, generator=g) + 0.5
+            m.bias.data = torch.randn(m.bias.shape, generator=g) * 0.5
 
 
 def supernet_and_original(name, theta0=1.5, alpha=0.01, search_space='spvit', **kwargs):
@@ -83,8 +95,8 @@ QKV_BIASES = ('qkv.bias', 'q_bias', 'v_bias', 'q_proj.bias', 'v_proj.bias')
 
 def randomize_mixing(supernet, seed=0, std=0.02):
     """Non-uniform head mixing at alpha=0.01, value biases that exercise the conv padding, and
-    relative position bias tables (BEiT's start at zero, which would hide a kept head reading
-    another head's column)."""
+    relative position bias tables and Swin V2's logit scales (BEiT's tables start at zero, V2's
+    scales equal, which would hide a kept head reading another head's entries)."""
     g = torch.Generator().manual_seed(seed)
     for slot in supernet.attn_slots:
         slot.head_assign.data = torch.randn(slot.head_assign.shape, generator=g) * std
@@ -93,6 +105,8 @@ def randomize_mixing(supernet, seed=0, std=0.02):
                 p.data = torch.randn(p.shape, generator=g) * 0.1
             elif name == 'relative_position_bias_table':
                 p.data = torch.randn(p.shape, generator=g)
+            elif name == 'logit_scale':     # Swin V2's start equal (log 10), which would hide a swapped head
+                p.data = torch.rand(p.shape, generator=g) * 3
 
 
 def search_payload(supernet, data_config=None):

@@ -1,4 +1,4 @@
-"""Deployment through ONNX: the pruned model (every op, ViT, Swin and BEiT) runs on ONNX Runtime with the
+"""Deployment through ONNX: the pruned model (every op, ViT, Swin, Swin V2 and BEiT) runs on ONNX Runtime with the
 logits of PyTorch at any batch size, carries its data config and architecture, quantises to int8,
 and the tools refuse what they cannot do with one line."""
 import json
@@ -19,6 +19,7 @@ pytestmark = pytest.mark.slow
 
 SWIN = dict(FAMILIES['swin'].examples[0][1], num_classes=10)
 BEIT = dict(FAMILIES['beit'].examples[0][1], num_classes=10)
+SWINV2 = dict(FAMILIES['swinv2'].examples[0][1], num_classes=10)
 DEIT_SMALL = dict(img_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=4, num_classes=10)
 CASES = {
     'vit_cls_heads': ('vit_tiny_patch16_224', SMALL, True),
@@ -27,6 +28,7 @@ CASES = {
     'vit_registers': ('vit_tiny_patch16_224', dict(SMALL, reg_tokens=4, no_embed_class=True), True),
     'swin_heads': ('swin_tiny_patch4_window7_224', SWIN, True),
     'beit_heads': ('beit_base_patch16_224', BEIT, True),
+    'swinv2_heads': ('swinv2_tiny_window8_256', SWINV2, True),
 }
 
 

@@ -158,8 +158,9 @@ def is_glu(mlp: nn.Module) -> bool:
 # each registers its family; the order is the order of the supported-models list
 from . import vit  # noqa: E402,I001
 from . import swin  # noqa: E402,I001
+from . import swinv2  # noqa: E402,I001
 from . import eva  # noqa: E402,I001
 from . import beit  # noqa: E402,I001
 
 __all__ = ['Family', 'TokenGridFamily', 'FAMILIES', 'Layout', 'register_family', 'family_of', 'check_model', 'supported_table',
-           'check_mlp', 'mlp_hidden', 'is_glu', 'beit', 'eva', 'swin', 'vit']
+           'check_mlp', 'mlp_hidden', 'is_glu', 'beit', 'eva', 'swin', 'swinv2', 'vit']

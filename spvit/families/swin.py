@@ -18,7 +18,7 @@ class SwinFamily(Family):
     name = 'swin'
     supported = 'timm SwinTransformer models (window attention, shifted windows)'
     handles = 'window attention with relative position bias (kept heads keep theirs), shifted windows, patch merging'
-    refuses = 'feature maps the windows do not tile, dynamic_mask, Swin V2 (cosine attention, post-norm)'
+    refuses = 'feature maps the windows do not tile, dynamic_mask'
     models = ('swin_tiny_patch4_window7_224', 'swin_small_patch4_window7_224', 'swin_base_patch4_window7_224',
               'swin_*_patch4_window12_384')
     # 16x16 then 8x8 feature maps in 4x4 windows; the second block of each stage is shifted
