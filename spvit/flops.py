@@ -31,6 +31,8 @@ class BlockDims:
     windows: int = 1
     qk_norm: bool = False     # msa normalises q and k (timm's qk_norm=True)
     glu: bool = False         # gated-linear-unit MLP: a hidden unit has two input rows (gate and value)
+    attn_norm: bool = False   # an affine LayerNorm over the attention output before proj (scale_attn_inner)
+    mlp_norm: bool = False    # an affine LayerNorm over the MLP hidden units before fc2 (scale_mlp)
 
     @property
     def head_dim(self) -> int:
@@ -39,18 +41,26 @@ class BlockDims:
 
 def _msa(b: BlockDims, heads: Optional[int] = None) -> int:
     """qkv, q k^T, attn v and the projection; each is linear in the kept heads' width h * hd. With
-    qk-norm, the two affine norms over q and k (5 per element, as fvcore counts a norm)."""
+    qk-norm, the two affine norms over q and k (5 per element, as fvcore counts a norm), with an
+    inner norm, the one over the kept heads' output channels."""
     n, d = b.tokens, b.dim
     width = d if heads is None else heads * b.head_dim
-    return b.windows * (4 * n * d * width + 2 * n * n * width + (2 * 5 * n * width if b.qk_norm else 0))
+    norms = (2 if b.qk_norm else 0) + (1 if b.attn_norm else 0)
+    return b.windows * (4 * n * d * width + 2 * n * n * width + norms * 5 * n * width)
+
+
+def _conv_norm(b: BlockDims) -> int:
+    """A conv op's norm over its hd channels where the attention has an inner norm (no affine: 4
+    per element, as fvcore counts it; the affine is folded into proj)."""
+    return b.windows * b.patches * 4 * b.head_dim if b.attn_norm else 0
 
 
 def _conv3x3(b: BlockDims) -> int:
-    return b.windows * b.patches * (9 * b.dim * b.head_dim + b.head_dim * b.dim)
+    return b.windows * b.patches * (9 * b.dim * b.head_dim + b.head_dim * b.dim) + _conv_norm(b)
 
 
 def _conv1x1(b: BlockDims) -> int:
-    return b.windows * b.patches * 2 * b.dim * b.head_dim
+    return b.windows * b.patches * 2 * b.dim * b.head_dim + _conv_norm(b)
 
 
 ATTN_FLOPS: Dict[str, Callable[[BlockDims], int]] = {
@@ -73,8 +83,9 @@ def block_attn_flops(b: BlockDims, block: BlockArch) -> int:
 
 
 def mlp_flops(b: BlockDims, hidden: int) -> int:
-    """fc1 and fc2 (and a GLU's second input projection); fvcore counts no elementwise product."""
-    return b.windows * (3 if b.glu else 2) * b.tokens * b.dim * hidden
+    """fc1 and fc2 (and a GLU's second input projection), and an inner norm over the kept units (5
+    per element, as fvcore counts an affine norm); fvcore counts no elementwise product."""
+    return b.windows * ((3 if b.glu else 2) * b.dim + (5 if b.mlp_norm else 0)) * b.tokens * hidden
 
 
 def arch_flops(dims: Sequence[BlockDims], fixed: int, arch: Architecture) -> int:

@@ -84,7 +84,8 @@ QKV_BIASES = ('qkv.bias', 'q_bias', 'v_bias', 'q_proj.bias', 'v_proj.bias')
 def randomize_mixing(supernet, seed=0, std=0.02):
     """Non-uniform head mixing at alpha=0.01, value biases that exercise the conv padding, and
     relative position bias tables (BEiT's start at zero, which would hide a kept head reading
-    another head's column)."""
+    another head's column), and inner norms' affine (ones and zeros would hide a kept unit or head
+    reading another's slice)."""
     g = torch.Generator().manual_seed(seed)
     for slot in supernet.attn_slots:
         slot.head_assign.data = torch.randn(slot.head_assign.shape, generator=g) * std
@@ -93,6 +94,10 @@ def randomize_mixing(supernet, seed=0, std=0.02):
                 p.data = torch.randn(p.shape, generator=g) * 0.1
             elif name == 'relative_position_bias_table':
                 p.data = torch.randn(p.shape, generator=g)
+    for slot in supernet.attn_slots + supernet.mlp_slots:
+        if slot.norm is not None:
+            slot.norm.weight.data = torch.rand(slot.norm.weight.shape, generator=g) + 0.5
+            slot.norm.bias.data = torch.randn(slot.norm.bias.shape, generator=g) * 0.1
 
 
 def search_payload(supernet, data_config=None):
