@@ -29,9 +29,10 @@ SEARCH_ONLY = ('head_assign', 'gate_logits', 'head_logits', 'bn1.', 'bn3.')
 
 
 # how the kept heads of msa slice each key of an attention's state: the rows of the stacked q/k/v
-# projection, the channels of one of q/k/v or of the output projection's input, or the heads
+# projection, the channels of one of q/k/v or of the output projection's input (and of the inner
+# norm before it), or the heads
 _ROWS = ('qkv.weight', 'qkv.bias')
-_CHANNELS = {'proj.weight': 1, 'q_bias': 0, 'v_bias': 0, 'q_proj.weight': 0, 'q_proj.bias': 0, 'k_proj.weight': 0,
+_CHANNELS = {'proj.weight': 1, 'norm.weight': 0, 'norm.bias': 0, 'q_bias': 0, 'v_bias': 0, 'q_proj.weight': 0, 'q_proj.bias': 0, 'k_proj.weight': 0,
              'v_proj.weight': 0, 'v_proj.bias': 0}
 # (Swin V2: a logit scale per head, a row of the position-bias MLP's last layer per head)
 _HEADS = {'relative_position_bias_table': 1, 'logit_scale': 0, 'cpb_mlp.2.weight': 0}
@@ -55,18 +56,18 @@ def _msa_state(slot: AttentionSlot) -> Dict[str, Tensor]:
 
 
 def _conv_state(op: str, slot: AttentionSlot) -> Dict[str, Tensor]:
-    """Conv weight/bias with the BatchNorm folded in, and the output projection, of a conv op: the
-    pinned forward's own weights (``AttentionSlot.conv_weights``), in float64 so the fold adds no
-    rounding of its own."""
+    """Conv weight/bias with the BatchNorm folded in, and the output projection (an inner norm's
+    affine folded in), of a conv op: the pinned forward's own weights (``AttentionSlot.conv_weights``),
+    in float64 so the folds add no rounding of their own."""
     f64 = {'dtype': torch.float64}
     with torch.no_grad():
-        weight, bias, out_w, bn = slot.conv_weights(op, torch.float64)
+        weight, bias, out_w, out_b, bn = slot.conv_weights(op, torch.float64)
         weight, bias = fuse_conv_bn_weights(weight, bias, bn.running_mean.to(**f64), bn.running_var.to(**f64), bn.eps,
                                             bn.weight.to(**f64), bn.bias.to(**f64))
     dtype = slot.proj.weight.dtype
     state = {'conv.weight': weight.detach().to(dtype), 'conv.bias': bias.detach().to(dtype), 'proj.weight': out_w.to(dtype)}
-    if slot.proj.bias is not None:
-        state['proj.bias'] = slot.proj.bias.detach()
+    if out_b is not None:
+        state['proj.bias'] = out_b.detach().to(dtype)
     return state
 
 

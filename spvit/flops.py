@@ -37,38 +37,48 @@ class BlockDims:
     cpb_hidden: int = 0
     # the attention branch's own norm sits after the op (post-norm, Swin V2) and goes with a skipped
     # attention: counted in every op but skip (5 per element, as fvcore counts an affine norm)
-    attn_norm: bool = False
+    post_norm: bool = False
+    attn_norm: bool = False   # an affine LayerNorm over the attention output before proj (scale_attn_inner)
+    mlp_norm: bool = False    # an affine LayerNorm over the MLP hidden units before fc2 (scale_mlp)
 
     @property
     def head_dim(self) -> int:
         return self.dim // self.heads
 
 
-def _attn_norm(b: BlockDims) -> int:
-    return b.windows * 5 * b.tokens * b.dim if b.attn_norm else 0
+def _post_norm(b: BlockDims) -> int:
+    return b.windows * 5 * b.tokens * b.dim if b.post_norm else 0
 
 
 def _msa(b: BlockDims, heads: Optional[int] = None) -> int:
     """qkv, q k^T, attn v and the projection; each is linear in the kept heads' width h * hd. With
-    qk-norm, the two affine norms over q and k (5 per element, as fvcore counts a norm); with a
-    position-bias MLP, its two layers (the last one has a row per kept head)."""
+    qk-norm, the two affine norms over q and k (5 per element, as fvcore counts a norm), with an
+    inner norm, the one over the kept heads' output channels; with a position-bias MLP, its two
+    layers (the last one has a row per kept head)."""
     n, d = b.tokens, b.dim
     width = d if heads is None else heads * b.head_dim
-    return (b.windows * (4 * n * d * width + 2 * n * n * width + (2 * 5 * n * width if b.qk_norm else 0))
+    norms = (2 if b.qk_norm else 0) + (1 if b.attn_norm else 0)
+    return (b.windows * (4 * n * d * width + 2 * n * n * width + norms * 5 * n * width)
             + b.cpb_coords * b.cpb_hidden * (b.heads if heads is None else heads) + _msa_shared(b))
 
 
 def _msa_shared(b: BlockDims) -> int:
     """What msa costs whatever heads it keeps: the position-bias MLP's first layer, the post-norm."""
-    return b.cpb_coords * 2 * b.cpb_hidden + _attn_norm(b)
+    return b.cpb_coords * 2 * b.cpb_hidden + _post_norm(b)
+
+
+def _conv_norm(b: BlockDims) -> int:
+    """A conv op's norm over its hd channels where the attention has an inner norm (no affine: 4
+    per element, as fvcore counts it; the affine is folded into proj)."""
+    return b.windows * b.patches * 4 * b.head_dim if b.attn_norm else 0
 
 
 def _conv3x3(b: BlockDims) -> int:
-    return b.windows * b.patches * (9 * b.dim * b.head_dim + b.head_dim * b.dim) + _attn_norm(b)
+    return b.windows * b.patches * (9 * b.dim * b.head_dim + b.head_dim * b.dim) + _conv_norm(b) + _post_norm(b)
 
 
 def _conv1x1(b: BlockDims) -> int:
-    return b.windows * b.patches * 2 * b.dim * b.head_dim + _attn_norm(b)
+    return b.windows * b.patches * 2 * b.dim * b.head_dim + _conv_norm(b) + _post_norm(b)
 
 
 ATTN_FLOPS: Dict[str, Callable[[BlockDims], int]] = {
@@ -91,8 +101,9 @@ def block_attn_flops(b: BlockDims, block: BlockArch) -> int:
 
 
 def mlp_flops(b: BlockDims, hidden: int) -> int:
-    """fc1 and fc2 (and a GLU's second input projection); fvcore counts no elementwise product."""
-    return b.windows * (3 if b.glu else 2) * b.tokens * b.dim * hidden
+    """fc1 and fc2 (and a GLU's second input projection), and an inner norm over the kept units (5
+    per element, as fvcore counts an affine norm); fvcore counts no elementwise product."""
+    return b.windows * ((3 if b.glu else 2) * b.dim + (5 if b.mlp_norm else 0)) * b.tokens * hidden
 
 
 def arch_flops(dims: Sequence[BlockDims], fixed: int, arch: Architecture) -> int:

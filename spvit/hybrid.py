@@ -13,15 +13,20 @@ import torch.nn as nn
 from .arch import Architecture
 from .errors import ArchitectureError, UnsupportedModelError
 from .families import Layout, family_of, mlp_hidden
-from .layers import ConvAttention, EvaHeadAttention, HeadAttention, NoAttention
+from .layers import ConvAttention, EvaHeadAttention, HeadAttention, NoAttention, narrow_norm
 
 
 def _conv_builder(kernel_size: int) -> Callable[..., nn.Module]:
     def build(attn: nn.Module, grid_size: Tuple[int, int], num_prefix_tokens: int) -> nn.Module:
         w = attn.proj.weight
         head_dim = attn.proj.in_features // attn.num_heads
+        # an inner norm before proj (a LayerNorm; the families refuse others) normalises the conv's hd
+        # channels, its affine folded into proj (its bias makes a bias of proj's)
+        norm = getattr(attn, 'norm', None)
+        norm = norm if isinstance(norm, nn.LayerNorm) else None
         return ConvAttention(attn.proj.out_features, head_dim, kernel_size, grid_size, num_prefix_tokens,
-                             proj_bias=attn.proj.bias is not None, proj_drop=attn.proj_drop.p,
+                             proj_bias=attn.proj.bias is not None or (norm is not None and norm.bias is not None),
+                             proj_drop=attn.proj_drop.p, norm_eps=None if norm is None else norm.eps,
                              device=w.device, dtype=w.dtype)
     return build
 
@@ -37,8 +42,8 @@ ATTENTION_BUILDERS: Dict[str, Callable[[nn.Module, Tuple[int, int], int], nn.Mod
 
 def prune_mlp(mlp: nn.Module, hidden: int) -> nn.Module:
     """Shrink a timm ``Mlp``, ``GluMlp`` (its fc1 packs a gate and a value row per unit) or ``SwiGLU``
-    (fc1_g, fc1_x) to ``hidden`` units, in place (new input projections and fc2 of that width,
-    random init)."""
+    (fc1_g, fc1_x) to ``hidden`` units, in place (new input projections, inner norm and fc2 of that
+    width, random init)."""
     fc2 = mlp.fc2
     dd = {'device': fc2.weight.device, 'dtype': fc2.weight.dtype}
     for name in ('fc1', 'fc1_g', 'fc1_x'):
@@ -47,6 +52,7 @@ def prune_mlp(mlp: nn.Module, hidden: int) -> nn.Module:
             rows_per_unit = fc.out_features // fc2.in_features
             setattr(mlp, name, nn.Linear(fc.in_features, rows_per_unit * hidden, bias=fc.bias is not None, **dd))
     mlp.fc2 = nn.Linear(hidden, fc2.out_features, bias=fc2.bias is not None, **dd)
+    mlp.norm = narrow_norm(mlp.norm, hidden)
     return mlp
 
 

@@ -23,9 +23,23 @@ def rotate_patch_tokens(t: torch.Tensor, rope: torch.Tensor, num_prefix_tokens: 
     return torch.cat([t[:, :, :num_prefix_tokens], rotated], dim=2).type_as(t)
 
 
+def narrow_norm(norm: nn.Module, width: int) -> nn.Module:
+    """A LayerNorm like ``norm`` (eps, affine) over ``width`` channels: an inner norm (timm's ``norm``
+    before an MLP's fc2 or an attention's proj) of a pruned MLP or of kept heads, over the kept
+    channels only (weights come from a state dict). Anything but a LayerNorm is returned as it is."""
+    if not isinstance(norm, nn.LayerNorm):
+        return norm
+    w = norm.weight
+    return nn.LayerNorm(width, eps=norm.eps, elementwise_affine=w is not None, bias=norm.bias is not None,
+                        device=None if w is None else w.device, dtype=None if w is None else w.dtype)
+
+
 class ConvAttention(nn.Module):
     """A block's attention turned into Conv2d(d -> hd, k x k) + ReLU + Linear(hd -> d) over the
-    patch grid. The conv carries the mixed kernel with its BatchNorm folded in.
+    patch grid. The conv carries the mixed kernel with its BatchNorm folded in. With ``norm_eps``
+    (the attention had an inner norm before its proj: Eva ``scale_attn_inner``, ViT
+    ``scale_attn_norm``), a LayerNorm without affine over the hd channels runs before the Linear,
+    which carries the inner norm's affine folded in.
 
     Prefix tokens (class, distillation, register) have no grid position: they get a zero update,
     as in the search. In a Swin block the tokens are one window (no prefix tokens) and the conv
@@ -44,6 +58,7 @@ class ConvAttention(nn.Module):
             num_prefix_tokens: int,
             proj_bias: bool = True,
             proj_drop: float = 0.,
+            norm_eps: Optional[float] = None,
             device=None,
             dtype=None,
     ) -> None:
@@ -54,6 +69,7 @@ class ConvAttention(nn.Module):
         self.kernel_size = kernel_size
         self.conv = nn.Conv2d(dim, head_dim, kernel_size, padding=kernel_size // 2, **dd)
         self.act = nn.ReLU()
+        self.norm = nn.Identity() if norm_eps is None else nn.LayerNorm(head_dim, eps=norm_eps, elementwise_affine=False)
         self.proj = nn.Linear(head_dim, dim, bias=proj_bias, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
 
@@ -74,7 +90,7 @@ class ConvAttention(nn.Module):
             # the CPU/GPU conv kernels take without a transposing copy, and their output permutes back.
             img = patches.reshape(B, H, W, C).permute(0, 3, 1, 2)
             z = self.conv(img).permute(0, 2, 3, 1).reshape(B, H * W, -1)
-        out = self.proj_drop(self.proj(self.act(z)))
+        out = self.proj_drop(self.proj(self.norm(self.act(z))))
         return F.pad(out, (0, 0, self.num_prefix_tokens, 0))
 
 
@@ -103,6 +119,7 @@ class HeadAttention(nn.Module):
             proj_bias: bool = True,
             q_norm: Optional[nn.Module] = None,
             k_norm: Optional[nn.Module] = None,
+            norm: Optional[nn.Module] = None,
             attn_drop: float = 0.,
             proj_drop: float = 0.,
             device=None,
@@ -116,6 +133,8 @@ class HeadAttention(nn.Module):
         # timm's qk_norm: one norm over head_dim, shared by the heads (the original's modules)
         self.q_norm = q_norm if q_norm is not None else nn.Identity()
         self.k_norm = k_norm if k_norm is not None else nn.Identity()
+        # timm's scale_attn_norm: a norm over the (kept) heads' output channels before proj
+        self.norm = norm if norm is not None else nn.Identity()
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj = nn.Linear(num_heads * head_dim, dim, bias=proj_bias, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
@@ -129,15 +148,16 @@ class HeadAttention(nn.Module):
         q, k = self.q_norm(q), self.k_norm(k)
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
                                            dropout_p=self.attn_drop.p if self.training else 0.)
-        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, -1)))
+        return self.proj_drop(self.proj(self.norm(x.transpose(1, 2).reshape(B, N, -1))))
 
 
 class EvaHeadAttention(EvaAttention):
     """timm ``EvaAttention`` over ``num_heads`` heads of ``attn_head_dim`` each, whatever the model
     width: what it becomes when some heads are pruned (timm's forward reshapes the heads' output to
     the input width, which fewer heads do not fill). Same parameters and state-dict keys (fused qkv
-    with q/v biases, or q/k/v projections), same RoPE on the patch tokens. Inner norm and gated
-    attention are not supported (the family refuses them)."""
+    with q/v biases, or q/k/v projections), same RoPE on the patch tokens, and the inner norm
+    (``scale_attn_inner``) over the kept heads' channels. Gated attention is not supported (the
+    family refuses it)."""
 
     def forward(self, x: torch.Tensor, rope: Optional[torch.Tensor] = None, attn_mask: Optional[torch.Tensor] = None,
                 is_causal: bool = False) -> torch.Tensor:
@@ -155,7 +175,7 @@ class EvaHeadAttention(EvaAttention):
             k = rotate_patch_tokens(k, rope, self.num_prefix_tokens, self.rotate_half)
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
                                            dropout_p=self.attn_drop.p if self.training else 0.)
-        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, -1)))
+        return self.proj_drop(self.proj(self.norm(x.transpose(1, 2).reshape(B, N, -1))))
 
 
 class BeitHeadAttention(BeitAttention):

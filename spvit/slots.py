@@ -21,6 +21,35 @@ from .mixing import (CENTER, OFFSETS, border_bias, border_mask, conv3x3_weight, 
                      mix_value, shifted_sum)
 
 
+def inner_norm_of(module: nn.Module) -> Optional[nn.LayerNorm]:
+    """The inner LayerNorm (timm's ``norm`` before an output projection) of an attention or MLP, or None."""
+    norm = getattr(module, 'norm', None)
+    return norm if isinstance(norm, nn.LayerNorm) else None
+
+
+def masked_layer_norm(x: torch.Tensor, gates: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
+    """``norm`` over the last dim of ``x`` with statistics over the open channels only, weighted
+    by their ``gates``: mean = sum g x / sum g, var = sum g (x - mean)^2 / sum g. With every gate 1
+    it is ``norm(x)``; with 0/1 gates it is, on the open channels, the norm of the kept channels
+    alone (what export builds), so closing a channel does not move the others. The caller
+    multiplies by the gates after (a closed channel must not pass its affine bias on)."""
+    if x.dtype in (torch.float16, torch.bfloat16):     # statistics in float32, as autocast runs layer_norm
+        x = x.float()
+    p = (gates / gates.sum().clamp_min(1e-12)).to(x.dtype)
+    # elementwise sums, not matmuls: autocast would run a matmul in half precision
+    xc = x - (x * p).sum(-1, keepdim=True)
+    y = xc * torch.rsqrt((xc * xc * p).sum(-1, keepdim=True) + norm.eps)
+    if norm.weight is not None:
+        y = y * norm.weight
+    return y if norm.bias is None else y + norm.bias
+
+
+def kept_layer_norm(x: torch.Tensor, norm: nn.LayerNorm, kept: torch.Tensor) -> torch.Tensor:
+    """``norm`` over the ``kept`` channels only, ``x`` holding just those: the pruned model's norm."""
+    return F.layer_norm(x, (kept.numel(),), None if norm.weight is None else norm.weight[kept],
+                        None if norm.bias is None else norm.bias[kept], norm.eps)
+
+
 class AttentionSlot(nn.Module):
     """skip / conv1x1 / conv3x3 / msa on the tokens of a ViT block, weight-shared with its MSA."""
 
@@ -48,6 +77,11 @@ class AttentionSlot(nn.Module):
         # conv ops read v
         self.q_norm = getattr(attn, 'q_norm', None) or nn.Identity()
         self.k_norm = getattr(attn, 'k_norm', None) or nn.Identity()
+        # inner norm over the attention output channels before proj (Eva scale_attn_inner, ViT
+        # scale_attn_norm): msa takes its statistics over the open heads' channels only; a conv op's
+        # activation (hd channels, one "head") is normalised over its own channels and takes each
+        # head's slice of the norm's affine as it takes the head's slice of proj (see _conv_norm)
+        self.norm = inner_norm_of(attn)
         self.proj_drop = attn.proj_drop
         dd = {'device': attn.proj.weight.device, 'dtype': attn.proj.weight.dtype}
         self.head_assign = nn.Parameter(torch.ones(self.num_heads, len(OFFSETS), **dd))
@@ -174,7 +208,13 @@ class AttentionSlot(nn.Module):
         z3, z1 = self._conv_branches(v[:, :, self.num_prefix_tokens:], mix)
         w3 = (mix.sum(1) * c3)[:, None]
         w1 = (mix[:, CENTER] * c1)[:, None]
-        conv = (z3[:, :, None] * w3 + z1[:, :, None] * w1).flatten(2)          # (B, P, d)
+        conv = z3[:, :, None] * w3 + z1[:, :, None] * w1                       # (B, P, heads, hd)
+        if self.norm is not None:   # head h's slice of the norm's affine, as head h's slice of proj
+            weight, bias = self._norm_affine()
+            conv = conv * weight
+            if bias is not None:
+                conv = conv + bias * (w3 + w1)
+        conv = conv.flatten(2)                                                 # (B, P, d)
         out = F.linear(a * c_msa + self._prefix_zero(conv), self.proj.weight)
         b = self.proj.bias
         if b is not None:   # prefix tokens get the bias only from msa
@@ -183,12 +223,14 @@ class AttentionSlot(nn.Module):
         return self.proj_drop(out)
 
     def _gate_heads(self, a: torch.Tensor) -> torch.Tensor:
-        """msa's output (B, N, width) with each head times its gate (as it is without head gates)."""
+        """msa's output (B, N, width) with each head times its gate (as it is without head gates),
+        through the inner norm if there is one (statistics over the open heads' channels only)."""
         if self.head_logits is None:
-            return a
+            return a if self.norm is None else self.norm(a)
         hg = self.head_values if self.head_values is not None else sample_gates(self.head_logits, self.training,
                                                                               self.gate_noise)
-        return a * hg.repeat_interleave(self.head_dim)
+        hg = hg.repeat_interleave(self.head_dim)
+        return (a if self.norm is None else masked_layer_norm(a, hg, self.norm)) * hg
 
     def _op_coefficients(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The weights of msa, conv3x3 and conv1x1 in the gated mixture (skip: all zero)."""
@@ -216,23 +258,53 @@ class AttentionSlot(nn.Module):
         _, b_v = self.value_projection()
         if b_v is not None:
             z3 = z3 + border_bias(mix.t() @ b_v.reshape(self.num_heads, hd), self.border)
-        return self._norm_act(z3.reshape(B, P, hd), self.bn3), self._norm_act(vm[:, :, CENTER].contiguous(), self.bn1)
+        z3 = self._norm_act(z3.reshape(B, P, hd), self.bn3)
+        z1 = self._norm_act(vm[:, :, CENTER].contiguous(), self.bn1)
+        return self._conv_norm(z3), self._conv_norm(z1)
+
+    def _conv_norm(self, z: torch.Tensor) -> torch.Tensor:
+        """With an inner norm, a conv op's activation (B, P, hd) normalised over its hd channels, as
+        msa's output is over its heads' channels; without affine, which comes per head with the
+        output projection (``_norm_affine``), so that export folds it into the conv's proj."""
+        return z if self.norm is None else F.layer_norm(z, (z.shape[-1],), None, None, self.norm.eps)
+
+    def _norm_affine(self) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The inner norm's weight (ones if it has none) and bias (None if none), (heads, hd) each."""
+        n, shape = self.norm, (self.num_heads, self.head_dim)
+        weight = torch.ones(shape, device=self.proj.weight.device, dtype=self.proj.weight.dtype) if n.weight is None \
+            else n.weight.reshape(shape)
+        return weight, None if n.bias is None else n.bias.reshape(shape)
 
     def conv_weights(self, op: str, dtype: Optional[torch.dtype] = None
-                     ) -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor, nn.BatchNorm1d]:
+                     ) -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor, Optional[torch.Tensor], nn.BatchNorm1d]:
         """A conv op as a plain conv: its conv2d weight (hd, d, k, k) and bias from the mixed value
-        heads, its output projection (d, hd) from the mixed output heads, and the BatchNorm after it.
-        The pinned forward runs these and export folds the BatchNorm into them (in ``dtype``), so
-        the two cannot differ."""
+        heads, its output projection (d, hd) and bias from the mixed output heads, and the BatchNorm
+        after the conv. With an inner norm, the norm's per-head affine is folded into the output
+        projection (columns scaled by the weight, sum_h P[h,k] W_o^h beta_h added to the bias). The
+        pinned forward runs these and export folds the BatchNorm into them (in ``dtype``), so the
+        two cannot differ."""
         def cast(t: torch.Tensor) -> torch.Tensor:
             return t if dtype is None else t.to(dtype)
         mix = head_mixing(cast(self.head_assign), self.alpha)
         w_v, b_v = self.value_projection()
         kernels, biases = mix_value(cast(w_v), None if b_v is None else cast(b_v), mix)
-        out_w = mix_output(cast(self.proj.weight), mix)
+        w_o, b_o = cast(self.proj.weight), None if self.proj.bias is None else cast(self.proj.bias)
+        out_b = None
+        if self.norm is not None:
+            weight, bias = (None if t is None else cast(t.flatten()) for t in self._norm_affine())
+            if bias is not None:
+                out_b = mix_output(w_o * bias, mix).sum(-1)          # (9, d)
+            w_o = w_o * weight
+        out_w = mix_output(w_o, mix)
         if op == 'conv1x1':
-            return kernels[CENTER][:, :, None, None], None if biases is None else biases[CENTER], out_w[CENTER], self.bn1
-        return conv3x3_weight(kernels), None if biases is None else biases.sum(0), out_w.sum(0), self.bn3
+            kernel, bias, bn = kernels[CENTER][:, :, None, None], None if biases is None else biases[CENTER], self.bn1
+            out_w, out_b = out_w[CENTER], None if out_b is None else out_b[CENTER]
+        else:
+            kernel, bias, bn = conv3x3_weight(kernels), None if biases is None else biases.sum(0), self.bn3
+            out_w, out_b = out_w.sum(0), None if out_b is None else out_b.sum(0)
+        if b_o is not None:
+            out_b = b_o if out_b is None else out_b + b_o
+        return kernel, bias, out_w, out_b, bn
 
     def _forward_pinned(self, x, attn_mask, is_causal, rope=None) -> torch.Tensor:
         op = self.pinned_op
@@ -242,15 +314,18 @@ class AttentionSlot(nn.Module):
         if op == 'msa' and self.pinned_heads is None:
             qkv = self._project(x).reshape(B, N, 3, self.num_heads, self.head_dim)
             q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-            return self.proj_drop(self.proj(self._attend(q, k, v, attn_mask, is_causal, rope=rope)))
+            a = self._attend(q, k, v, attn_mask, is_causal, rope=rope)
+            return self.proj_drop(self.proj(a if self.norm is None else self.norm(a)))
         if op == 'msa':
             heads = self.pinned_heads
             rows, cols = self.head_channels(heads)
             qkv = self._project(x, rows)
             q, k, v = qkv.reshape(B, N, 3, len(heads), self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
             a = self._attend(q, k, v, attn_mask, is_causal, heads, rope=rope)
+            if self.norm is not None:    # the norm over the kept heads' channels
+                a = kept_layer_norm(a, self.norm, cols)
             return self.proj_drop(F.linear(a, self.proj.weight[:, cols], self.proj.bias))
-        weight, bias, w_o, bn = self.conv_weights(op)
+        weight, bias, w_o, b_o, bn = self.conv_weights(op)
         xp = x[:, self.num_prefix_tokens:]
         if op == 'conv1x1':
             z = F.linear(xp, weight[:, :, 0, 0], bias)
@@ -258,8 +333,8 @@ class AttentionSlot(nn.Module):
             H, W = self.grid_size
             img = xp.transpose(1, 2).reshape(B, C, H, W)
             z = F.conv2d(img, weight, bias, padding=1).flatten(2).transpose(1, 2)
-        z = self._norm_act(z, bn)
-        return self.proj_drop(self._prefix_zero(F.linear(z, w_o, self.proj.bias)))
+        z = self._conv_norm(self._norm_act(z, bn))
+        return self.proj_drop(self._prefix_zero(F.linear(z, w_o, b_o)))
 
 
 class WindowAttentionSlot(AttentionSlot):
@@ -543,7 +618,10 @@ class MlpSlot(nn.Module):
     """A timm ``Mlp`` with one gate per hidden unit.
 
     The gate multiplies the hidden activation; it is applied to fc2's input columns instead,
-    which is the same product but keeps no extra activation for the backward pass.
+    which is the same product but keeps no extra activation for the backward pass. An inner norm
+    over the hidden units (timm's ``norm_layer``: Eva/BEiT ``scale_mlp``, ViT ``scale_mlp_norm``)
+    takes its statistics over the open units only (``masked_layer_norm``), so the pruned MLP's
+    norm over its kept units computes the same.
     """
 
     def __init__(self, mlp: nn.Module, theta0: float = 1.5) -> None:
@@ -553,10 +631,12 @@ class MlpSlot(nn.Module):
         self.drop1 = mlp.drop1
         self.fc2 = mlp.fc2
         self.drop2 = mlp.drop2
-        self._init_gates(mlp.fc2, theta0)
+        self._init_gates(mlp, theta0)
 
-    def _init_gates(self, fc2: nn.Linear, theta0: float) -> None:
-        """One gate logit per hidden unit, i.e. per input column of fc2."""
+    def _init_gates(self, mlp: nn.Module, theta0: float) -> None:
+        """The inner norm (None without one) and one gate logit per hidden unit, i.e. per input column of fc2."""
+        fc2 = mlp.fc2
+        self.norm = inner_norm_of(mlp)
         self.hidden_features = fc2.in_features
         w = fc2.weight
         self.gate_logits = nn.Parameter(torch.full((self.hidden_features,), float(theta0), device=w.device, dtype=w.dtype))
@@ -574,8 +654,16 @@ class MlpSlot(nn.Module):
         self.kept = None if kept is None else kept.to(device=self.fc2.weight.device, dtype=torch.long)
 
     def importance(self) -> torch.Tensor:
-        """|fc1 row|_1 * |fc2 column|_1 per hidden unit: which units to keep when only a count is given."""
-        return self.fc1.weight.detach().abs().sum(1) * self.fc2.weight.detach().abs().sum(0)
+        """|fc1 row|_1 * |fc2 column|_1 per hidden unit (times |norm weight| with an inner norm): which
+        units to keep when only a count is given."""
+        return self.fc1.weight.detach().abs().sum(1) * self._out_magnitude()
+
+    def _out_magnitude(self) -> torch.Tensor:
+        """|fc2 column|_1 per unit, times |norm weight| with an inner norm (the unit's effective fc2 column)."""
+        out = self.fc2.weight.detach().abs().sum(0)
+        if self.norm is not None and self.norm.weight is not None:
+            out = out * self.norm.weight.detach().abs()
+        return out
 
     def kept_state(self, kept: torch.Tensor) -> Dict[str, torch.Tensor]:
         """The exported MLP's state: fc1 rows and fc2 columns of the ``kept`` hidden units."""
@@ -586,7 +674,10 @@ class MlpSlot(nn.Module):
         return {**state, **self._fc2_state(kept)}
 
     def _fc2_state(self, kept: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """fc2 columns of the kept units, and the inner norm's weight and bias of the kept units."""
         state = {'fc2.weight': self.fc2.weight.detach()[:, kept]}
+        if self.norm is not None:
+            state.update({f'norm.{k}': v.detach()[kept] for k, v in self.norm.named_parameters()})
         if self.fc2.bias is not None:
             state['fc2.bias'] = self.fc2.bias.detach()
         return state
@@ -600,9 +691,13 @@ class MlpSlot(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kept is not None:
             h = self.drop1(self._hidden(x, self.kept))
+            if self.norm is not None:
+                h = kept_layer_norm(h, self.norm, self.kept)
             return self.drop2(F.linear(h, self.fc2.weight[:, self.kept], self.fc2.bias))
         gates = self.gate_values if self.gate_values is not None else sample_gates(self.gate_logits, self.training, self.gate_noise)
         h = self.drop1(self._hidden(x))
+        if self.norm is not None:
+            h = masked_layer_norm(h, gates, self.norm)
         return self.drop2(F.linear(h, self.fc2.weight * gates, self.fc2.bias))
 
 
@@ -625,7 +720,7 @@ class GluMlpSlot(MlpSlot):
         self.drop1 = mlp.drop1
         self.fc2 = mlp.fc2
         self.drop2 = mlp.drop2
-        self._init_gates(mlp.fc2, theta0)
+        self._init_gates(mlp, theta0)
 
     def _packed_rows(self, kept: torch.Tensor) -> torch.Tensor:
         return torch.cat([kept, kept + self.hidden_features])
@@ -641,7 +736,7 @@ class GluMlpSlot(MlpSlot):
         """|gate row|_1 * |value row|_1 * |fc2 column|_1 per unit: the magnitude score of a plain
         MLP with the unit's two input rows both counted (its output is their product)."""
         gate, value = (w.detach().abs().sum(1) for w in self._halves())
-        return gate * value * self.fc2.weight.detach().abs().sum(0)
+        return gate * value * self._out_magnitude()
 
     def kept_state(self, kept: torch.Tensor) -> Dict[str, torch.Tensor]:
         kept = kept.to(self.fc2.weight.device)

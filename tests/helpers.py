@@ -96,7 +96,8 @@ QKV_BIASES = ('qkv.bias', 'q_bias', 'v_bias', 'q_proj.bias', 'v_proj.bias')
 def randomize_mixing(supernet, seed=0, std=0.02):
     """Non-uniform head mixing at alpha=0.01, value biases that exercise the conv padding, and
     relative position bias tables and Swin V2's logit scales (BEiT's tables start at zero, V2's
-    scales equal, which would hide a kept head reading another head's entries)."""
+    scales equal, which would hide a kept head reading another head's entries), and inner norms'
+    affine (ones and zeros would hide a kept unit or head reading another's slice)."""
     g = torch.Generator().manual_seed(seed)
     for slot in supernet.attn_slots:
         slot.head_assign.data = torch.randn(slot.head_assign.shape, generator=g) * std
@@ -107,6 +108,10 @@ def randomize_mixing(supernet, seed=0, std=0.02):
                 p.data = torch.randn(p.shape, generator=g)
             elif name == 'logit_scale':     # Swin V2's start equal (log 10), which would hide a swapped head
                 p.data = torch.rand(p.shape, generator=g) * 3
+    for slot in supernet.attn_slots + supernet.mlp_slots:
+        if slot.norm is not None:
+            slot.norm.weight.data = torch.rand(slot.norm.weight.shape, generator=g) + 0.5
+            slot.norm.bias.data = torch.randn(slot.norm.bias.shape, generator=g) * 0.1
 
 
 def search_payload(supernet, data_config=None):

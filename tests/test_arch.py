@@ -70,7 +70,8 @@ def test_validation_against_model(small_supernet):
      'qk_norm with RmsNorm is not supported'),
     ('vit_tiny_patch16_224', dict(img_size=32, patch_size=8, depth=1, dynamic_img_size=True), 'dynamic_img_size'),
     ('vit_tiny_patch16_224', dict(img_size=32, patch_size=8, depth=1, patch_drop_rate=0.1), 'patch dropout'),
-    ('vit_tiny_patch16_224', dict(img_size=32, patch_size=8, depth=1, scale_mlp_norm=True), 'only timm Mlp without norm'),
+    ('vit_tiny_patch16_224', dict(img_size=32, patch_size=8, depth=1, scale_mlp_norm=True, norm_layer='rmsnorm'),
+     'MLP Mlp with an inner RmsNorm is not supported'),
 ])
 def test_unsupported_models(name, kwargs, message):
     model = timm.create_model(name, **kwargs)

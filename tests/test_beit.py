@@ -9,6 +9,7 @@ import sys
 import pytest
 import timm
 import torch
+from timm.layers import RmsNorm
 
 import spvit
 from spvit.errors import UnsupportedModelError
@@ -63,9 +64,9 @@ def _vit_attention():
     (lambda: _meta_model(use_shared_rel_pos_bias=True),
      'use_shared_rel_pos_bias=True (one relative position bias shared by all blocks) is not supported: '
      'pass use_rel_pos_bias=True for one bias per block'),
-    (lambda: _meta_model(scale_mlp=True), 'block 0: MLP Mlp with an inner norm (scale_mlp) is not supported'),
-    (lambda: _meta_model(swiglu_mlp=True, scale_mlp=True),
-     'block 0: MLP SwiGLU with an inner norm (scale_mlp) is not supported'),
+    # scale_mlp with a LayerNorm is searched (the family's examples); another inner norm is not
+    (_replace_block(1, scale_mlp=True, norm_layer=RmsNorm),
+     'block 1: MLP Mlp with an inner RmsNorm is not supported, only an inner affine LayerNorm'),
     (_replace_block(1, attn_head_dim=8, window_size=(8, 8)),
      'block 1: attention width (attn_head_dim * num_heads = 32) differs from embed_dim (64)'),
     (_replace_block(1, window_size=(4, 4)),

@@ -29,6 +29,8 @@ CASES = {
     'swin_heads': ('swin_tiny_patch4_window7_224', SWIN, True),
     'beit_heads': ('beit_base_patch16_224', BEIT, True),
     'swinv2_heads': ('swinv2_tiny_window8_256', SWINV2, True),
+    # inner norms: over kept units and heads, and a conv op's own channels (ConvAttention.norm)
+    'vit_inner_norms_heads': ('vit_tiny_patch16_224', dict(SMALL, scale_mlp_norm=True, scale_attn_norm=True), True),
 }
 
 

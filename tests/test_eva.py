@@ -18,9 +18,12 @@ TINY = dict(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=4)
 
 
 @pytest.mark.parametrize('kwargs,message', [
-    (dict(scale_attn_inner=True), 'block 0: an inner attention norm (scale_attn_inner) is not supported'),
-    (dict(scale_mlp=True), 'block 0: MLP SwiGLU with an inner norm (scale_mlp) is not supported'),
-    (dict(swiglu_mlp=False, scale_mlp=True), 'block 0: MLP Mlp with an inner norm (scale_mlp) is not supported'),
+    # inner norms are searched when they are LayerNorms (test_inner_norms), not otherwise
+    (dict(scale_attn_inner=True, norm_layer='rmsnorm'),
+     'block 0: attention (scale_attn_inner) with an inner RmsNorm is not supported, only an inner affine LayerNorm'),
+    (dict(scale_mlp=True, norm_layer='rmsnorm'), 'block 0: MLP SwiGLU with an inner RmsNorm is not supported'),
+    (dict(swiglu_mlp=False, scale_mlp=True, norm_layer='rmsnorm'),
+     'block 0: MLP Mlp with an inner RmsNorm is not supported'),
     (dict(use_post_norm=True), 'block 0 is a EvaBlockPostNorm, only the pre-norm timm EvaBlock is supported'),
     (dict(attn_type='rope'), 'block 0: attention AttentionRope is not supported'),
     (dict(rope_type='mixed'), "mixed RoPE (rope_type='mixed'"),
@@ -51,6 +54,7 @@ def test_gated_attention_is_refused():
 
 def test_supported_timm_models_pass_the_check():
     for name, kwargs in [('eva02_tiny_patch14_224', {}), ('eva02_small_patch14_336', {}), ('eva_giant_patch14_224', {}),
+                         ('eva02_base_patch14_224', {}), ('eva02_large_patch14_clip_224', {}),
                          ('vit_medium_patch16_rope_reg1_gap_256', {}),
                          ('vit_small_plus_patch16_dinov3', dict(dynamic_img_size=False))]:
         with torch.device('meta'):

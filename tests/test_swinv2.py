@@ -107,7 +107,7 @@ def test_tiny_block_dims_and_flops():
     supernet, original = supernet_and_original('swinv2_tiny_window8_256')
     dims = supernet.block_dims
     assert len(dims) == 12
-    assert {(b.tokens, b.cpb_coords, b.cpb_hidden, b.attn_norm) for b in dims} == {(64, 225, 512, True)}
+    assert {(b.tokens, b.cpb_coords, b.cpb_hidden, b.post_norm) for b in dims} == {(64, 225, 512, True)}
     assert [(b.dim, b.heads, b.windows) for b in dims[:3]] == [(96, 3, 64), (96, 3, 64), (192, 6, 16)]
     measured, by_module = measure_flops(original, supernet.input_size)
     assert abs(measured / 1e9 - 5.96) < 0.01

@@ -89,7 +89,8 @@ class TokenGridFamily(Family):
         return [BlockDims(tokens=h * w + npt, patches=h * w, dim=model.embed_dim, heads=blk.attn.num_heads,
                           hidden=mlp_hidden(blk.mlp),
                           qk_norm=not isinstance(getattr(blk.attn, 'q_norm', nn.Identity()), nn.Identity),
-                          glu=is_glu(blk.mlp))
+                          glu=is_glu(blk.mlp), attn_norm=isinstance(getattr(blk.attn, 'norm', None), nn.LayerNorm),
+                          mlp_norm=isinstance(blk.mlp.norm, nn.LayerNorm))
                 for blk in model.blocks]
 
 
@@ -130,17 +131,27 @@ def supported_table() -> str:
 
 def check_mlp(mlp: nn.Module, where: str, glu: bool = False) -> None:
     """The MLP slots gate the hidden units of a plain timm ``Mlp`` (fc1 -> act -> fc2) and, with
-    ``glu``, of timm's ``GluMlp`` and ``SwiGLU``; an inner norm over the hidden units (``scale_mlp``)
-    would make a gated unit change the others' output, so it is refused."""
+    ``glu``, of timm's ``GluMlp`` and ``SwiGLU``, with or without an inner LayerNorm over the hidden
+    units (``scale_mlp``), whose statistics the slots take over the open units only. Another inner
+    norm (RMSNorm, ...) is refused: the slots have no masked form of it."""
     from timm.layers import GluMlp, Mlp, SwiGLU
     kinds = (Mlp, GluMlp, SwiGLU) if glu else (Mlp,)
     names = 'timm Mlp, GluMlp or SwiGLU' if glu else 'timm Mlp'
     if type(mlp) not in kinds or not all(isinstance(getattr(mlp, n), nn.Linear) for n in ('fc1', 'fc1_g', 'fc1_x', 'fc2')
                                          if hasattr(mlp, n)):
-        raise UnsupportedModelError(f'{where}: MLP {type(mlp).__name__} is not supported, only {names} without norm')
-    if not isinstance(mlp.norm, nn.Identity):
-        raise UnsupportedModelError(f'{where}: MLP {type(mlp).__name__} with an inner norm (scale_mlp) is not supported, '
-                                    f'only {names} without norm')
+        raise UnsupportedModelError(f'{where}: MLP {type(mlp).__name__} is not supported, only {names}')
+    check_inner_norm(mlp.norm, f'{where}: MLP {type(mlp).__name__}')
+
+
+def check_inner_norm(norm: nn.Module, what: str) -> None:
+    """An inner norm (before an MLP's fc2 or an attention's proj) must be absent or an affine
+    LayerNorm over the last dimension (timm's): the search slots take its statistics over the open
+    channels only, and the FLOPs model counts an affine norm."""
+    if isinstance(norm, nn.Identity) or (isinstance(norm, nn.LayerNorm) and norm.elementwise_affine
+                                         and len(norm.normalized_shape) == 1):
+        return
+    raise UnsupportedModelError(f'{what} with an inner {type(norm).__name__} is not supported, only an inner affine '
+                                'LayerNorm')
 
 
 def mlp_hidden(mlp: nn.Module) -> int:
@@ -163,4 +174,4 @@ from . import eva  # noqa: E402,I001
 from . import beit  # noqa: E402,I001
 
 __all__ = ['Family', 'TokenGridFamily', 'FAMILIES', 'Layout', 'register_family', 'family_of', 'check_model', 'supported_table',
-           'check_mlp', 'mlp_hidden', 'is_glu', 'beit', 'eva', 'swin', 'swinv2', 'vit']
+           'check_mlp', 'check_inner_norm', 'mlp_hidden', 'is_glu', 'beit', 'eva', 'swin', 'swinv2', 'vit']

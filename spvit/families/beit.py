@@ -18,13 +18,12 @@ _TINY = dict(img_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=4, head
 @register_family
 class BeitFamily(TokenGridFamily):
     name = 'beit'
-    supported = ('timm Beit models (BEiT, BEiT v2) with the pre-norm Block/Attention and Mlp or SwiGLU without '
-                 'inner norms')
+    supported = 'timm Beit models (BEiT, BEiT v2) with the pre-norm Block/Attention and Mlp or SwiGLU'
     handles = ('per-block relative position bias (msa only; kept heads keep their table columns), separate q/v '
                'biases, layer scale, absolute position embedding, SwiGLU MLPs (one gate per unit), average pooling '
-               'with fc_norm or class-token pooling')
-    refuses = ('use_shared_rel_pos_bias (one bias shared by all blocks; no timm pretrained BEiT has it), scale_mlp '
-               '(inner MLP norm), attn_head_dim other than embed_dim / num_heads, a relative position bias over '
+               'with fc_norm or class-token pooling, scale_mlp (inner MLP norm over the kept units)')
+    refuses = ('use_shared_rel_pos_bias (one bias shared by all blocks; no timm pretrained BEiT has it), '
+               'attn_head_dim other than embed_dim / num_heads, a relative position bias over '
                'another grid than the patches')
     models = ('beit_base_patch16_*', 'beit_large_patch16_*', 'beitv2_*_patch16_224')
     examples = (
@@ -35,6 +34,10 @@ class BeitFamily(TokenGridFamily):
                                          global_pool='token')),
         # relative position bias with class-token pooling, SwiGLU MLPs, no q/v biases
         ('beit_base_patch16_224', dict(_TINY, global_pool='token', swiglu_mlp=True, qkv_bias=False)),
+        # inner norms over the hidden units (scale_mlp), in a plain Mlp and in a SwiGLU
+        ('beit_base_patch16_224', dict(_TINY, scale_mlp=True)),
+        ('beitv2_base_patch16_224', dict(_TINY, swiglu_mlp=True, scale_mlp=True, use_abs_pos_emb=True,
+                                         use_rel_pos_bias=False)),
     )
 
     def model_class(self) -> Type[nn.Module]:

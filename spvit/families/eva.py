@@ -9,7 +9,8 @@ from typing import Tuple, Type
 import torch.nn as nn
 
 from ..errors import UnsupportedModelError
-from . import TokenGridFamily, check_mlp, register_family
+from ..layers import narrow_norm
+from . import TokenGridFamily, check_inner_norm, check_mlp, register_family
 
 # tiny sizes the test battery runs on; a head of ViT's init scale, so that the logits the battery
 # compares are not shrunk a thousandfold (timm's Eva default)
@@ -20,14 +21,16 @@ _TINY = dict(img_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=4, head
 class EvaFamily(TokenGridFamily):
     name = 'eva'
     supported = ('timm Eva models (EVA, EVA-02 tiny/small, RoPE ViTs, DINOv3) with the pre-norm EvaBlock/EvaAttention '
-                 'and Mlp, GluMlp or SwiGLU without inner norms')
+                 'and Mlp, GluMlp or SwiGLU')
     handles = ('RoPE on q/k (msa only; the conv ops read v), separate q/v biases or unfused q/k/v, SwiGLU MLPs '
                '(GluMlp, SwiGLU: one gate per unit), layer scale, prefix tokens, qk_norm, class-token, average or '
-               'attention pooling')
-    refuses = ('inner norms (scale_attn_inner, scale_mlp: EVA-02 base/large, EVA-02 CLIP), post-norm blocks, '
+               'attention pooling, inner norms (scale_mlp, scale_attn_inner: EVA-02 base/large, EVA-02 CLIP; over the '
+               'kept units/heads, a conv op normalises its own channels)')
+    refuses = ('post-norm blocks, '
                "AttentionRope (attn_type='rope': RoPE-ViT, PE, Sapiens2), mixed RoPE, gated attention, "
                'dynamic_img_size (DINOv3, LingBot: pass dynamic_img_size=False), patch dropout')
-    models = ('eva02_tiny_patch14_*', 'eva02_small_patch14_*', 'eva_giant_patch14_*', 'vit_*_patch16_rope_reg*_gap_256',
+    models = ('eva02_tiny_patch14_*', 'eva02_small_patch14_*', 'eva02_base_patch14_*', 'eva02_large_patch14_*',
+              'eva02_base_patch16_clip_224', 'eva_giant_patch14_*', 'vit_*_patch16_rope_reg*_gap_256',
               'vit_*_dinov3*', 'vit_*_lingbot')
     examples = (
         # EVA-02: RoPE, fused qkv with q/v biases, packed SwiGLU (GluMlp)
@@ -37,6 +40,12 @@ class EvaFamily(TokenGridFamily):
                                         rope_type='dinov3', rope_rotate_half=True)),
         # EVA: no RoPE, plain Mlp, class-token pooling, qk_norm
         ('eva_giant_patch14_224', dict(_TINY, mlp_ratio=4.0, global_pool='token', qk_norm=True)),
+        # EVA-02 CLIP: unfused q/k/v, inner norms in the SwiGLU (scale_mlp, as EVA-02 base/large) and
+        # before the attention's proj (scale_attn_inner)
+        ('eva02_base_patch14_224', dict(_TINY, scale_attn_inner=True)),
+        # both inner norms with a fused qkv (q/v biases), a plain Mlp, no RoPE, class-token pooling
+        ('eva_giant_patch14_224', dict(_TINY, mlp_ratio=4.0, global_pool='token', scale_mlp=True,
+                                       scale_attn_inner=True)),
     )
 
     def model_class(self) -> Type[nn.Module]:
@@ -61,8 +70,7 @@ class EvaFamily(TokenGridFamily):
             if type(attn) is not EvaAttention:
                 raise UnsupportedModelError(f"{where}: attention {type(attn).__name__} is not supported, only timm "
                                             "EvaAttention (attn_type='eva')")
-            if not isinstance(attn.norm, nn.Identity):
-                raise UnsupportedModelError(f'{where}: an inner attention norm (scale_attn_inner) is not supported')
+            check_inner_norm(attn.norm, f'{where}: attention (scale_attn_inner)')
             if attn.gate is not None:
                 raise UnsupportedModelError(f'{where}: gated attention is not supported')
             if not isinstance(attn.q_norm, nn.Identity) and not (
@@ -88,6 +96,8 @@ class EvaFamily(TokenGridFamily):
                                 scale_norm=False, rotate_half=attn.rotate_half, device=w.device, dtype=w.dtype)
         # timm's qk_norm: one norm over head_dim, shared by the heads (the original's modules)
         kept.q_norm, kept.k_norm = copy.deepcopy(attn.q_norm), copy.deepcopy(attn.k_norm)
+        # scale_attn_inner: the inner norm over the kept heads' channels
+        kept.norm = narrow_norm(attn.norm, heads * attn.head_dim)
         return kept
 
     def attach(self, model: nn.Module, theta0: float, alpha: float, head_gates: bool = False) -> None:

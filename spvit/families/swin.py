@@ -53,7 +53,8 @@ class SwinFamily(Family):
         for blk in self.blocks(model):
             (h, w), (wh, ww) = blk.input_resolution, blk.window_size
             dims.append(BlockDims(tokens=wh * ww, patches=wh * ww, dim=blk.attn.qkv.in_features, heads=blk.attn.num_heads,
-                                  hidden=mlp_hidden(blk.mlp), windows=(h // wh) * (w // ww)))
+                                  hidden=mlp_hidden(blk.mlp), windows=(h // wh) * (w // ww),
+                                  mlp_norm=isinstance(blk.mlp.norm, nn.LayerNorm)))
         return dims
 
     def attention_types(self) -> Tuple[Type[nn.Module], ...]:

@@ -74,7 +74,7 @@ class SwinV2Family(Family):
             dims.append(BlockDims(tokens=wh * ww, patches=wh * ww, dim=blk.attn.qkv.in_features,
                                   heads=blk.attn.num_heads, hidden=mlp_hidden(blk.mlp), windows=(h // wh) * (w // ww),
                                   cpb_coords=(2 * wh - 1) * (2 * ww - 1), cpb_hidden=cpb_in.out_features,
-                                  attn_norm=True))
+                                  post_norm=True, mlp_norm=isinstance(blk.mlp.norm, nn.LayerNorm)))
         return dims
 
     def attention_types(self) -> Tuple[Type[nn.Module], ...]:

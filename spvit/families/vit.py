@@ -8,8 +8,8 @@ from typing import Tuple, Type
 import torch.nn as nn
 
 from ..errors import UnsupportedModelError
-from ..layers import HeadAttention
-from . import TokenGridFamily, check_mlp, register_family
+from ..layers import HeadAttention, narrow_norm
+from . import TokenGridFamily, check_inner_norm, check_mlp, register_family
 
 
 @register_family
@@ -18,13 +18,17 @@ class VitFamily(TokenGridFamily):
     supported = ('timm VisionTransformer models (ViT, DeiT incl. _distilled, register tokens, '
                  'class-token or average pooling) with the standard Block/Attention/Mlp')
     handles = ('prefix tokens (class, distillation, registers), layer scale, class-token or average pooling, '
-               'qk_norm (msa and its kept heads keep the shared q/k norms)')
-    refuses = 'scale_attn_norm, gated attention, dynamic_img_size, patch dropout, SwiGLU/normed MLPs'
+               'qk_norm (msa and its kept heads keep the shared q/k norms), inner norms (scale_mlp_norm, '
+               'scale_attn_norm: over the kept units/heads, a conv op normalises its own channels)')
+    refuses = 'gated attention, dynamic_img_size, patch dropout, SwiGLU MLPs'
     models = ('vit_*_patch*_224', 'deit_*', 'deit3_*', 'vit_*_dinov2', 'vit_*_reg4_dinov2', 'vit_*_clip_*',
-              'vit_*_siglip_*', 'vit_medium_patch16_gap_256', 'flexivit_*')
+              'vit_*_siglip_*', 'vit_medium_patch16_gap_256', 'flexivit_*', 'beit3_*')
     examples = (('vit_tiny_patch16_224', dict(img_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=4)),
                 ('vit_tiny_patch16_224', dict(img_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=4,
-                                              qk_norm=True)))
+                                              qk_norm=True)),
+                # inner norms in the MLP and before the attention's proj (as BEiT-3)
+                ('vit_tiny_patch16_224', dict(img_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=4,
+                                              scale_mlp_norm=True, scale_attn_norm=True)))
 
     def model_class(self) -> Type[nn.Module]:
         from timm.models.vision_transformer import VisionTransformer
@@ -47,8 +51,9 @@ class VitFamily(TokenGridFamily):
                     isinstance(attn.q_norm, nn.LayerNorm) and attn.q_norm.elementwise_affine):
                 raise UnsupportedModelError(f'{where}: qk_norm with {type(attn.q_norm).__name__} is not supported, '
                                             'only with an affine LayerNorm')
-            if not isinstance(attn.norm, nn.Identity) or getattr(attn, 'gate', None) is not None:
-                raise UnsupportedModelError(f'{where}: scale_attn_norm and gated attention are not supported')
+            if getattr(attn, 'gate', None) is not None:
+                raise UnsupportedModelError(f'{where}: gated attention is not supported')
+            check_inner_norm(attn.norm, f'{where}: attention (scale_attn_norm)')
             if attn.num_heads * attn.head_dim != model.embed_dim:
                 raise UnsupportedModelError(f'{where}: attention width differs from embed_dim')
             check_mlp(blk.mlp, where)
@@ -61,7 +66,8 @@ class VitFamily(TokenGridFamily):
         w = attn.qkv.weight
         return HeadAttention(w.shape[1], heads, attn.head_dim, qkv_bias=attn.qkv.bias is not None,
                              proj_bias=attn.proj.bias is not None, q_norm=copy.deepcopy(attn.q_norm),
-                             k_norm=copy.deepcopy(attn.k_norm), attn_drop=attn.attn_drop.p,
+                             k_norm=copy.deepcopy(attn.k_norm), norm=narrow_norm(attn.norm, heads * attn.head_dim),
+                             attn_drop=attn.attn_drop.p,
                              proj_drop=attn.proj_drop.p, device=w.device, dtype=w.dtype)
 
     def attach(self, model: nn.Module, theta0: float, alpha: float, head_gates: bool = False) -> None:
