@@ -441,7 +441,31 @@ class EvaAttentionSlot(AttentionSlot):
                 rotate_patch_tokens(k, rope, self.rope_prefix_tokens, self.rotate_half))
 
 
-class BeitAttentionSlot(AttentionSlot):
+class QVBiasAttentionSlot(AttentionSlot):
+    """An attention slot for timm attentions that keep q and v biases beside a bias-free fused qkv
+    (k has none: a zero buffer): BEiT and Swin V2. The biases stay under the attention's keys."""
+
+    def _read_qv_biases(self, attn: nn.Module) -> None:
+        self.qkv_bias_separate = attn.qkv_bias_separate
+        self.q_bias, self.v_bias = attn.q_bias, attn.v_bias
+        if attn.k_bias is not None:
+            self.register_buffer('k_bias', attn.k_bias, persistent=False)
+        else:
+            self.k_bias = None
+
+    def qkv_bias(self) -> Optional[torch.Tensor]:
+        return None if self.q_bias is None else torch.cat([self.q_bias, self.k_bias, self.v_bias])
+
+    def _project(self, x: torch.Tensor, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if rows is not None:
+            return super()._project(x, rows)
+        bias = self.qkv_bias()
+        if bias is not None and self.qkv_bias_separate:
+            return self.qkv(x) + bias
+        return F.linear(x, self.qkv.weight, bias)
+
+
+class BeitAttentionSlot(QVBiasAttentionSlot):
     """The same four ops on the tokens of a timm ``Beit`` block.
 
     BEiT's ``Attention`` keeps q and v biases apart from a bias-free fused qkv (k has none) and may
@@ -462,12 +486,7 @@ class BeitAttentionSlot(AttentionSlot):
             head_gates: bool = False,
     ) -> None:
         super().__init__(attn, grid_size, num_prefix_tokens, theta0=theta0, alpha=alpha, head_gates=head_gates)
-        self.qkv_bias_separate = attn.qkv_bias_separate
-        self.q_bias, self.v_bias = attn.q_bias, attn.v_bias
-        if attn.k_bias is not None:
-            self.register_buffer('k_bias', attn.k_bias, persistent=False)
-        else:
-            self.k_bias = None
+        self._read_qv_biases(attn)
         self.window_size = attn.window_size
         self.relative_position_bias_table = attn.relative_position_bias_table
         if attn.relative_position_index is not None:
@@ -479,17 +498,6 @@ class BeitAttentionSlot(AttentionSlot):
         if shared_rel_pos_bias is not None:
             raise UnsupportedModelError('a shared relative position bias (use_shared_rel_pos_bias) is not supported')
         return super().forward(x)
-
-    def qkv_bias(self) -> Optional[torch.Tensor]:
-        return None if self.q_bias is None else torch.cat([self.q_bias, self.k_bias, self.v_bias])
-
-    def _project(self, x: torch.Tensor, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if rows is not None:
-            return super()._project(x, rows)
-        bias = self.qkv_bias()
-        if bias is not None and self.qkv_bias_separate:
-            return self.qkv(x) + bias
-        return F.linear(x, self.qkv.weight, bias)
 
     def _attend(self, q, k, v, attn_mask, is_causal, heads: Optional[torch.Tensor] = None,
                 rope: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -535,7 +543,7 @@ class AttentionPostNorm(nn.Module):
         return x
 
 
-class SwinV2AttentionSlot(AttentionSlot):
+class SwinV2AttentionSlot(QVBiasAttentionSlot):
     """The same four ops on the windows of a timm Swin V2 block, with the block's post-norm.
 
     msa is V2's cosine attention: normalised q and k, a learned per-head ``logit_scale`` and the
@@ -559,29 +567,13 @@ class SwinV2AttentionSlot(AttentionSlot):
     ) -> None:
         super().__init__(attn, attn.window_size, 0, theta0=theta0, alpha=alpha, head_gates=head_gates)
         self.window_size = tuple(attn.window_size)
-        self.qkv_bias_separate = attn.qkv_bias_separate
-        self.q_bias, self.v_bias = attn.q_bias, attn.v_bias
-        if attn.k_bias is not None:
-            self.register_buffer('k_bias', attn.k_bias, persistent=False)
-        else:
-            self.k_bias = None
+        self._read_qv_biases(attn)
         self.logit_scale = attn.logit_scale
         self.cpb_mlp = attn.cpb_mlp
         self.register_buffer('relative_coords_table', attn.relative_coords_table, persistent=False)
         self.register_buffer('relative_position_index', attn.relative_position_index, persistent=False)
         # not a submodule: its parameters are the block's norm1 (one copy, the model's state-dict keys)
         object.__setattr__(self, 'post_norm', post_norm)
-
-    def qkv_bias(self) -> Optional[torch.Tensor]:
-        return None if self.q_bias is None else torch.cat([self.q_bias, self.k_bias, self.v_bias])
-
-    def _project(self, x: torch.Tensor, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if rows is not None:
-            return super()._project(x, rows)
-        bias = self.qkv_bias()
-        if bias is not None and self.qkv_bias_separate:
-            return self.qkv(x) + bias
-        return F.linear(x, self.qkv.weight, bias)
 
     def _attend(self, q, k, v, mask, is_causal, heads: Optional[torch.Tensor] = None,
                 rope: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -15,6 +15,26 @@ from spvit.mixing import OFFSETS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# what loading and running a pruned model must not import (the search machinery, fvcore)
+SEARCH_MODULES = ('spvit.supernet', 'spvit.slots', 'spvit.gates', 'spvit.mixing', 'spvit.search', 'spvit.trainer',
+                  'spvit.export', 'spvit.importance', 'spvit.budget', 'fvcore')
+
+
+def load_in_fresh_interpreter(path, input_size, blocks='model.blocks'):
+    """``spvit.load_pruned(path)`` and a forward pass in a fresh interpreter: the sorted names of the
+    attention modules of ``blocks`` (an expression over ``model``) and the search modules it loaded."""
+    code = ('import sys, torch, spvit\n'
+            f'model = spvit.load_pruned({path!r}).eval()\n'
+            f'model(torch.randn(1, *{tuple(input_size)!r}))\n'
+            f'print(sorted({{type(b.attn).__name__ for b in {blocks}}}))\n'
+            f'print([m for m in {SEARCH_MODULES!r} if m in sys.modules])')
+    r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                       env={**os.environ, 'PYTHONPATH': os.path.dirname(os.path.dirname(spvit.__file__))})
+    assert r.returncode == 0, r.stderr[-800:]
+    attn, loaded = r.stdout.strip().splitlines()
+    return eval(attn), eval(loaded)
+
+
 def build(name, **kwargs):
     torch.manual_seed(0)
     model = timm.create_model(name, **kwargs)

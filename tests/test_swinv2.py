@@ -3,9 +3,6 @@ unsupported option, the post-norm (a skipped attention adds exactly nothing, in 
 and exported), the kept heads' logit scales and position-bias MLP rows, the conv ops reading only v
 and the output projection (none of the cosine attention's parameters), the FLOPs of the norms and of
 the position-bias MLP, and a pruned Swin V2 loading without search code."""
-import os
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import pytest
@@ -18,8 +15,8 @@ from spvit.errors import UnsupportedModelError
 from spvit.families import FAMILIES, check_model
 from spvit.flops import measure_flops
 
-from helpers import (build, random_arch, randomize_batchnorm, randomize_mixing, reference_conv, set_gates,
-                     supernet_and_original)
+from helpers import (build, load_in_fresh_interpreter, random_arch, randomize_batchnorm, randomize_mixing, reference_conv,
+                     set_gates, supernet_and_original)
 
 EXAMPLES = FAMILIES['swinv2'].examples
 NAME, SMALL = EXAMPLES[0]
@@ -296,17 +293,8 @@ def test_loading_a_pruned_swinv2_imports_no_search_code(tmp_path):
     supernet.pin(arch, kept)
     path = str(tmp_path / 'pruned.pth')
     export_supernet(supernet).save(path)
-    search_modules = ('spvit.supernet', 'spvit.slots', 'spvit.gates', 'spvit.mixing', 'spvit.search', 'spvit.trainer',
-                      'spvit.export', 'spvit.importance', 'spvit.budget', 'fvcore')
-    code = ('import sys, torch, spvit\n'
-            f'model = spvit.load_pruned({path!r}).eval()\n'
-            'model(torch.randn(1, 3, 64, 64))\n'
-            'print(sorted({type(b.attn).__name__ for s in model.layers for b in s.blocks}))\n'
-            f'print([m for m in {search_modules!r} if m in sys.modules])')
-    r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
-                       env={**os.environ, 'PYTHONPATH': os.path.dirname(os.path.dirname(spvit.__file__))})
-    assert r.returncode == 0, r.stderr[-800:]
-    assert r.stdout.split() == ["['ConvAttention',", "'NoAttention',", "'SwinV2HeadAttention']", '[]']
+    attn, loaded = load_in_fresh_interpreter(path, (3, 64, 64), blocks='(b for s in model.layers for b in s.blocks)')
+    assert attn == ['ConvAttention', 'NoAttention', 'SwinV2HeadAttention'] and loaded == []
 
 
 def test_position_bias_helper_is_timms():
