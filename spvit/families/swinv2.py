@@ -8,14 +8,15 @@ from typing import TYPE_CHECKING, List, Tuple, Type
 import torch.nn as nn
 
 from ..errors import UnsupportedModelError
-from . import Family, Layout, check_mlp, mlp_hidden, register_family
+from . import check_mlp, mlp_hidden, register_family
+from .swin import SwinFamily
 
 if TYPE_CHECKING:
     from ..flops import BlockDims
 
 
 @register_family
-class SwinV2Family(Family):
+class SwinV2Family(SwinFamily):
     name = 'swinv2'
     supported = 'timm SwinTransformerV2 models (cosine window attention, shifted windows, post-norm blocks)'
     handles = ('cosine window attention with learned logit scale and continuous position bias (msa only; kept heads '
@@ -61,9 +62,6 @@ class SwinV2Family(Family):
                 extra = ' (always_partition keeps windows larger than the map)' if blk.always_partition else ''
                 raise UnsupportedModelError(f'{where}: a {h}x{w} feature map is not tiled by {wh}x{ww} windows{extra}')
             check_mlp(blk.mlp, where)
-
-    def layout(self, model: nn.Module) -> Layout:
-        return [(blk, tuple(blk.window_size), 0) for stage in model.layers for blk in stage.blocks]
 
     def block_dims(self, model: nn.Module) -> List[BlockDims]:
         from ..flops import BlockDims
