@@ -32,8 +32,8 @@ SEARCH_ONLY = ('head_assign', 'gate_logits', 'head_logits', 'bn1.', 'bn3.')
 # projection, the channels of one of q/k/v or of the output projection's input (and of the inner
 # norm before it), or the heads
 _ROWS = ('qkv.weight', 'qkv.bias')
-_CHANNELS = {'proj.weight': 1, 'norm.weight': 0, 'norm.bias': 0, 'q_bias': 0, 'v_bias': 0, 'q_proj.weight': 0, 'q_proj.bias': 0, 'k_proj.weight': 0,
-             'v_proj.weight': 0, 'v_proj.bias': 0}
+_CHANNELS = {'proj.weight': 1, 'norm.weight': 0, 'norm.bias': 0, 'q_bias': 0, 'v_bias': 0, 'q_proj.weight': 0,
+             'q_proj.bias': 0, 'k_proj.weight': 0, 'v_proj.weight': 0, 'v_proj.bias': 0}
 # (Swin V2: a logit scale per head, a row of the position-bias MLP's last layer per head)
 _HEADS = {'relative_position_bias_table': 1, 'logit_scale': 0, 'cpb_mlp.2.weight': 0}
 
