@@ -7,7 +7,7 @@ the blocks are, what their FLOPs depend on, which slots attach) is in ``spvit.fa
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -19,6 +19,9 @@ from .flops import BlockDims, arch_flops, attn_flops, gated_block_flops, measure
 from .gates import deterministic_gates, hold_conv3x3_open, penalty_attention_gates
 from .hybrid import classifies_from_prefix_tokens
 from .slots import AttentionSlot, MlpSlot
+
+if TYPE_CHECKING:
+    from .latency_model import LatencyTable
 
 
 @dataclass(frozen=True)
@@ -152,6 +155,37 @@ class SuperNet(nn.Module):
                                       conv3x3=not a.conv3x3_left_out)
                     for b, (a, m) in zip(self.block_dims, self._slots))
         return (total + self.fixed_flops) / 1e9
+
+    def latency(self, table: 'LatencyTable') -> torch.Tensor:
+        """Predicted ms of the pruned model under the deterministic gates on the table's device,
+        differentiable in the gate logits (``flops()`` with a latency table's costs)."""
+        from .latency_model import gated_block_latency
+        total = sum(gated_block_latency(table.shape(i), self._penalty_gates(a), deterministic_gates(m.gate_logits),
+                                        None if a.head_logits is None else deterministic_gates(a.head_logits),
+                                        conv3x3=not a.conv3x3_left_out)
+                    for i, (a, m) in enumerate(self._slots))
+        return total + table.fixed_ms
+
+    def latency_gate_costs(self, table: 'LatencyTable') -> List[torch.Tensor]:
+        """``gate_costs()`` in predicted latency: for each tensor of ``gate_parameters()``, the share
+        of the original's predicted latency each of its gates controls. A gate whose step costs no
+        time, or saves time by opening (an op slower than the next one up), counts as one MLP unit
+        of its block, so that the per-flop update never divides by zero."""
+        original = table.original_ms()
+        costs = []
+        for i, (a, m) in enumerate(self._slots):
+            s = table.shape(i)
+            floor = max(s.unit_ms(), 1e-9)
+            l0, l1, l3, lm = (s.ops[op] for op in ATTN_OPS)
+            l3 = l1 if a.conv3x3_left_out else l3
+            if self.space.ops:
+                costs.append(torch.tensor([max(l1 - l0, floor), max(l3 - l1, floor), max(lm - l3, floor)],
+                                          dtype=torch.float64) / original)
+            if a.head_logits is not None:
+                per_head = (s.msa_heads[-1] - s.msa_heads[0]) / max(1, a.num_heads - 1)
+                costs.append(torch.full((a.num_heads,), max(per_head, floor) / original, dtype=torch.float64))
+            costs.append(torch.full((m.hidden_features,), floor / original, dtype=torch.float64))
+        return [c.float() for c in costs]
 
     @staticmethod
     def _penalty_gates(a: AttentionSlot) -> torch.Tensor:
