@@ -353,6 +353,19 @@ class MlpHalf(nn.Module):
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 
+def non_decreasing(values: Sequence[float]) -> List[float]:
+    """The closest non-decreasing sequence in least squares (pool adjacent violators): a wider MLP
+    or one more head never predicts less time, so timing noise cannot make the search open units
+    to save time."""
+    blocks: List[List[float]] = []          # [mean, count]
+    for v in values:
+        blocks.append([float(v), 1])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            (m1, n1), (m2, n2) = blocks[-2], blocks.pop()
+            blocks[-1] = [(m1 * n1 + m2 * n2) / (n1 + n2), n1 + n2]
+    return [m for m, n in blocks for _ in range(int(n))]
+
+
 def mlp_grid(hidden: int, points: int = DEFAULT_MLP_POINTS) -> List[int]:
     """The widths an MLP is timed at: 1 and ``points - 1`` even steps up to ``hidden``."""
     steps = max(1, points - 1)
@@ -434,10 +447,10 @@ def build_latency_table(
             ms = {k: report.timings[batch_size][names[k]].latency_ms / len(members) for k in stacks}
             del stacks, report
             ops = {op: ms[('attn', op, None)] for op in ATTN_OPS[:3]}
-            msa = [ms[('attn', 'msa', h)] for h in range(1, d.heads + 1)]
+            msa = non_decreasing([ms[('attn', 'msa', h)] for h in range(1, d.heads + 1)])
             widths = mlp_grid(d.hidden, mlp_points)
             shapes.append(ShapeLatency(asdict(d), {**ops, 'msa': msa[-1]}, msa, widths,
-                                       [ms[('mlp', 'msa', w)] for w in widths]))
+                                       non_decreasing([ms[('mlp', 'msa', w)] for w in widths])))
     finally:
         bar.close()
     # The fixed part is what the whole original model costs beyond its blocks' halves: with the part
@@ -478,4 +491,4 @@ def _copy_except(blk: nn.Module, name: str) -> nn.Module:
 
 __all__ = ['LATENCY_FORMAT', 'LATENCY_VERSION', 'TABLE_FAMILIES', 'LatencyTableError', 'ShapeLatency', 'LatencyTable',
            'AttentionHalf', 'MlpHalf', 'build_latency_table', 'device_name', 'gated_block_latency', 'interpolate',
-           'mlp_grid', 'predicted_latency', 'table_model']
+           'mlp_grid', 'non_decreasing', 'predicted_latency', 'table_model']

@@ -21,6 +21,7 @@ from .hybrid import classifies_from_prefix_tokens
 from .slots import AttentionSlot, MlpSlot
 
 if TYPE_CHECKING:
+    from .costs import Cost
     from .latency_model import LatencyTable
 
 
@@ -196,7 +197,7 @@ class SuperNet(nn.Module):
         """Analytic FLOPs (MACs) of an architecture of this model."""
         return arch_flops(self.block_dims, self.fixed_flops, arch)
 
-    def min_flops(self) -> int:
+    def min_arch(self) -> Architecture:
         """The cheapest reachable architecture: every block skip with one hidden unit (one block
         msa if the head reads the class token)."""
         heads = 1 if self.space.heads else None
@@ -204,16 +205,26 @@ class SuperNet(nn.Module):
         if self.needs_msa and self.space.ops:
             cheapest = min(range(len(self.block_dims)), key=lambda i: attn_flops(self.block_dims[i], 'msa', heads))
             arch.blocks[cheapest] = BlockArch('msa', 1, None if heads is None else [0])
-        return arch_flops(self.block_dims, self.fixed_flops, arch)
+        return arch
 
-    def land_on(self, target_flops: float) -> int:
+    def min_flops(self) -> int:
+        """FLOPs of ``min_arch()``."""
+        return arch_flops(self.block_dims, self.fixed_flops, self.min_arch())
+
+    def land_on(self, target_flops: float, cost: Optional['Cost'] = None) -> int:
         """Open or close the MLP units nearest to their threshold (smallest |logit|) until the
-        architecture's FLOPs are as close to ``target_flops`` as single units allow. Returns the
-        number of units flipped (negative: closed). The search's last step: what the gates leave
-        within a few units of the target lands on it."""
+        architecture's FLOPs (or, with ``cost``, its cost in that cost's unit: ``target_flops`` is
+        then in it too) are as close to ``target_flops`` as single units allow. Returns the number
+        of units flipped (negative: closed). The search's last step: what the gates leave within a
+        few units of the target lands on it."""
         arch = self.architecture()
-        gap = target_flops - self.arch_flops(arch)
-        cost = [mlp_flops(b, 1) for b in self.block_dims]
+        if cost is None:
+            gap = target_flops - self.arch_flops(arch)
+
+            def step(i: int, width: int, opening: bool) -> float:
+                return mlp_flops(self.block_dims[i], 1)
+        else:
+            gap, step = target_flops - cost.of(arch), cost.unit_step
         opening = gap > 0
         candidates = []
         for i, m in enumerate(self.mlp_slots):
@@ -224,11 +235,12 @@ class SuperNet(nn.Module):
         kept = [b.mlp_hidden for b in arch.blocks]
         flipped = 0
         for _, i, j in sorted(candidates):
-            if abs(gap) <= cost[i] / 2 or (not opening and kept[i] <= 1):   # a unit here would overshoot
+            unit = step(i, kept[i], opening)
+            if abs(gap) <= unit / 2 or (not opening and kept[i] <= 1):   # a unit here would overshoot
                 continue
             with torch.no_grad():
                 self.mlp_slots[i].gate_logits[j] = 1e-3 if opening else -1e-3
-            gap += -cost[i] if opening else cost[i]
+            gap += -unit if opening else unit
             kept[i] += 1 if opening else -1
             flipped += 1 if opening else -1
         return flipped

@@ -168,3 +168,36 @@ def test_latency_table_tool(tmp_path):
         _, err = proc.communicate()
         assert proc.returncode == 2 and err.count('\n') == 1 and message in err, err
     assert not (tmp_path / 's.json').exists()
+
+
+@pytest.mark.slow
+def test_a_tiny_latency_budget_search_lands_on_its_predicted_target(image_folder, pretrained, tmp_path):
+    from spvit.search import main as search_main
+    from helpers import args, load
+    supernet, _ = supernet_and_original('vit_tiny_patch16_224', **{**SMALL, 'num_classes': 4})
+    table = hand_table(supernet, fixed=0.5)
+    path = tmp_path / 'table.json'
+    table.save(str(path))
+    out = tmp_path / 'run'
+    search_main(args(image_folder, out, '--checkpoint', pretrained, '--target-latency-ratio', '0.6',
+                     '--latency-table', str(path), '--epochs', '4'))
+    final = load(out / 'search-final.pth')
+    budget = final['budget']
+    arch = spvit.Architecture.from_dict(final['arch'])
+    target = 0.6 * table.original_ms()
+    assert budget['kind'] == 'latency' and budget['target'] == pytest.approx(target) and budget['ratio'] == 0.6
+    assert budget['achieved'] == pytest.approx(table.predict(arch))
+    assert abs(budget['achieved'] - target) / target <= 0.02
+    assert LatencyTable.from_dict(budget['table']) == table and final['target_gflops'] is None
+    assert LatencyTable.load(str(out / 'latency-table.json')) == table
+    steps = [json.loads(line) for line in open(out / 'log.jsonl')]
+    steps = [r for r in steps if r['kind'] == 'step']
+    assert {'latency_ms', 'gflops', 'target'} <= set(steps[0]) and steps[-1]['target'] == pytest.approx(target)
+    assert steps[0]['latency_ms'] > steps[-1]['latency_ms']
+    # the pruned checkpoint's provenance carries the budget and the table's device
+    proc = start('export.py', '--search', out / 'search-final.pth', '--output', tmp_path / 'pruned.pth')
+    _, err = proc.communicate()
+    assert proc.returncode == 0, err
+    provenance = spvit.read_pruned(str(tmp_path / 'pruned.pth')).provenance['latency_budget']
+    assert provenance['target_ms'] == pytest.approx(target) and provenance['device_name'] == device_name('cpu')
+    assert provenance['predicted_ms'] == pytest.approx(budget['achieved'])
