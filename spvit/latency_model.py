@@ -199,7 +199,7 @@ class LatencyTable:
         return {
             'format': LATENCY_FORMAT, 'version': LATENCY_VERSION,
             'model': self.model, 'model_kwargs': dict(self.model_kwargs), 'input_size': list(self.input_size),
-            'device': self.device, 'device_name': self.device_name, 'torch_version': self.torch_version,
+            'device': self.device, 'device_name': self.device_name, 'torch_version': str(self.torch_version),
             'batch_size': self.batch_size, 'threads': self.threads, 'timing': dict(self.timing),
             'fixed_ms': self.fixed_ms,
             'shapes': [{'dims': dict(s.dims), 'ops': dict(s.ops), 'msa_heads': list(s.msa_heads),
@@ -460,7 +460,7 @@ def build_latency_table(
     dev = torch.device(device)
     return LatencyTable(model=model_name, model_kwargs=dict(model_kwargs or {}),
                         input_size=list(family.input_size(model)), device=str(dev), device_name=device_name(dev),
-                        torch_version=torch.__version__, batch_size=batch_size, threads=torch.get_num_threads(),
+                        torch_version=str(torch.__version__), batch_size=batch_size, threads=torch.get_num_threads(),
                         fixed_ms=original_ms - halves_ms, shapes=shapes, blocks=blocks,
                         timing={'warmup': warmup, 'runs': runs, 'min_run_s': min_run_s, 'original_ms': original_ms,
                                 'fixed_alone_ms': fixed_alone_ms})

@@ -112,18 +112,23 @@ def latency_budget(cfg: SearchConfig) -> bool:
     return cfg.target_latency_ms is not None or cfg.target_latency_ratio is not None
 
 
-def resolve_target(cfg: SearchConfig, supernet: SuperNet, cost: Optional[Cost] = None) -> float:
-    """The budget in the cost's unit (GFLOPs, or ms with a ``LatencyCost``)."""
-    cost = cost or FlopsCost(supernet)
+def budget_key(cfg: SearchConfig) -> str:
+    """The one budget option given (checked before anything is built or timed)."""
     given = [k for k in BUDGETS if getattr(cfg, k) is not None]
     if len(given) > 1:
         raise ConfigError(f'give {" or ".join(flag(k) for k in given)}, not both')
     if not given:
         raise ConfigError('no FLOPs budget: give --target-gflops or --target-ratio (or a latency budget: '
                           '--target-latency-ms or --target-latency-ratio)')
-    absolute = getattr(cfg, given[0]) if given[0] in ('target_gflops', 'target_latency_ms') else None
+    return given[0]
+
+
+def resolve_target(cfg: SearchConfig, supernet: SuperNet, cost: Optional[Cost] = None) -> float:
+    """The budget in the cost's unit (GFLOPs, or ms with a ``LatencyCost``)."""
+    cost = cost or FlopsCost(supernet)
+    key = budget_key(cfg)
     original, smallest = cost.original, cost.smallest()
-    target = absolute if absolute is not None else getattr(cfg, given[0]) * original
+    target = getattr(cfg, key) if key in ('target_gflops', 'target_latency_ms') else getattr(cfg, key) * original
     if target >= original:
         raise ConfigError(f'target {cost.fmt(target)} is at or above the model\'s {cost.fmt(original)}')
     if target < smallest:
@@ -206,6 +211,7 @@ class SearchTrainer(Trainer):
 
     def build_model(self):
         cfg = self.cfg
+        budget_key(cfg)
         kwargs = dict(cfg.model_kwargs)
         if cfg.img_size and kwargs.get('img_size') != cfg.img_size:
             kwargs['img_size'] = cfg.img_size

@@ -201,3 +201,57 @@ def test_a_tiny_latency_budget_search_lands_on_its_predicted_target(image_folder
     provenance = spvit.read_pruned(str(tmp_path / 'pruned.pth')).provenance['latency_budget']
     assert provenance['target_ms'] == pytest.approx(target) and provenance['device_name'] == device_name('cpu')
     assert provenance['predicted_ms'] == pytest.approx(budget['achieved'])
+
+
+@pytest.mark.slow
+def test_flops_and_benchmark_report_predicted_latency_and_refuse_other_tables(image_folder, tmp_path):
+    from spvit.export import latency_provenance
+    from helpers import args
+    supernet, _ = supernet_and_original('vit_tiny_patch16_224', **SMALL)
+    table = hand_table(supernet)
+    table_path, other_device, other_model = tmp_path / 't.json', tmp_path / 'device.json', tmp_path / 'model.json'
+    table.save(str(table_path))
+    LatencyTable.from_dict({**table.to_dict(), 'device_name': 'another CPU'}).save(str(other_device))
+    hand_table(supernet_and_original('vit_tiny_patch16_224', **{**SMALL, 'qk_norm': True})[0]).save(str(other_model))
+    arch = spvit.Architecture('vit_tiny_patch16_224', [spvit.BlockArch('conv3x3', 100), spvit.BlockArch('msa', 256),
+                                                       spvit.BlockArch('skip', 10), spvit.BlockArch('msa', 50, [1])],
+                              SMALL)
+    pruned = spvit.build_from_arch('vit_tiny_patch16_224', SMALL, arch)
+    pruned.provenance['latency_budget'] = latency_provenance({'target': 2.0, 'ratio': 0.5, 'table': table.to_dict()}, arch)
+    path = tmp_path / 'pruned.pth'
+    pruned.save(str(path))
+
+    proc = start('flops.py', '--pruned', path, '--latency-table', table_path, '--compare', '--json')
+    out, err = proc.communicate()
+    assert proc.returncode == 0, err
+    report = json.loads(out)
+    assert [b['latency_ms'] for b in report['blocks']] == pytest.approx([a + m for a, m in table.block_ms(arch)])
+    assert report['predicted_latency_ms'] == pytest.approx(table.predict(arch))
+    assert report['latency_ratio'] == pytest.approx(table.predict(arch) / table.original_ms())
+
+    proc = start('benchmark.py', '--pruned', path, '--batch-sizes', 2, '--runs', 1, '--warmup', 0, '--device', 'cpu',
+                 '--json')
+    out, err = proc.communicate()
+    assert proc.returncode == 0, err
+    report = json.loads(out)
+    p = report['latency_prediction']
+    assert set(report['batches']) == {'1', '2'} and p['batch'] == 1 and report['threads'] == 1    # the table's
+    assert p['predicted_ms'] == pytest.approx({'original': table.original_ms(), 'pruned': table.predict(arch)})
+    measured = report['batches']['1']['pruned']['latency_ms']
+    assert p['measured_ms']['pruned'] == pytest.approx(measured)
+    assert p['measured_over_target'] == pytest.approx(measured / 2.0)
+
+    cases = [(('flops.py', '--pruned', path, '--latency-table', other_model), 'other block shapes'),
+             (('benchmark.py', '--pruned', path, '--latency-table', other_device, '--device', 'cpu'),
+              f'the latency table {other_device} was measured on cpu (another CPU), not on cpu'),
+             (('benchmark.py', '--pruned', path, '--latency-table', table_path, '--threads', '2', '--device', 'cpu'),
+              'was measured with 1 threads, not 2'),
+             (('search.py', *args(image_folder, tmp_path / 'out', '--target-latency-ratio', '0.6', '--latency-table',
+                                  other_model)), f'the latency table {other_model} is for other block shapes'),
+             (('search.py', *args(image_folder, tmp_path / 'out', '--target-latency-ms', '1', '--target-ratio', '0.5')),
+              'give --target-ratio or --target-latency-ms, not both')]
+    procs = [start(*a) for a, _ in cases]
+    for proc, (a, message) in zip(procs, cases):
+        _, err = proc.communicate()
+        assert proc.returncode == 2 and err.count('\n') == 1 and message in err, (a, err)
+    assert not (tmp_path / 'out').exists()
