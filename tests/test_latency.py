@@ -255,3 +255,22 @@ def test_flops_and_benchmark_report_predicted_latency_and_refuse_other_tables(im
         _, err = proc.communicate()
         assert proc.returncode == 2 and err.count('\n') == 1 and message in err, (a, err)
     assert not (tmp_path / 'out').exists()
+
+
+@pytest.mark.slow
+def test_a_latency_search_resumes_exactly_with_its_own_table(image_folder, tmp_path):
+    """The resumed run predicts with the table in its state, even when the file changed since."""
+    from spvit.search import main as search_main
+    from helpers import args, load
+    supernet, _ = supernet_and_original('vit_tiny_patch16_224', **{**SMALL, 'num_classes': 4})
+    path = tmp_path / 'table.json'
+    hand_table(supernet, fixed=0.5).save(str(path))
+    common = ['--target-latency-ratio', '0.6', '--latency-table', str(path), '--epochs', '2', '--seed', '3']
+    search_main(args(image_folder, tmp_path / 'whole', *common))
+    search_main(args(image_folder, tmp_path / 'split', *common, '--max-steps', '11'))
+    hand_table(supernet, fixed=5.0).save(str(path))
+    search_main(['--resume', str(tmp_path / 'split' / 'checkpoint-last.pth')])
+    whole, split = load(tmp_path / 'whole' / 'search-final.pth'), load(tmp_path / 'split' / 'search-final.pth')
+    assert whole['arch'] == split['arch'] and split['budget']['target'] == pytest.approx(whole['budget']['target'])
+    assert max((v.float() - split['supernet']['state_dict'][k].float()).abs().max().item()
+               for k, v in whole['supernet']['state_dict'].items()) <= 1e-6
