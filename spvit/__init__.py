@@ -19,6 +19,7 @@ _EXPORTS = {
     'build_from_arch': 'export', 'export_search': 'export', 'export_supernet': 'export', 'to_pruned': 'export',
     'PrunedModel': 'pruned', 'load_pruned': 'pruned', 'read_pruned': 'pruned',
     'SuperNet': 'supernet', 'attach_search_space': 'supernet',
+    'LatencyTable': 'latency_model', 'build_latency_table': 'latency_model',
     'FAMILIES': 'families', 'Family': 'families', 'family_of': 'families', 'register_family': 'families',
 }
 

@@ -1,4 +1,7 @@
-"""The FLOPs budget of a search: where it points at each step, and how the gates are moved to meet it.
+"""The budget of a search: where it points at each step, and how the gates are moved to meet it.
+
+Written for FLOPs, but nothing here knows the unit: every class takes a scalar cost and its goal
+(``spvit.costs``: GFLOPs, or the latency a table predicts, in ms).
 
 The paper adds one quadratic penalty on the distance to the final target to the loss from the
 first step, and AdamW moves the gate logits. At a deep budget that penalty is many times any task
@@ -11,7 +14,7 @@ controller instead:
 
 - ``BudgetSchedule``: the target falls linearly from the original FLOPs to the goal over the first
   ``ramp`` fraction of the steps, so that a few gates close at a time;
-- ``FlopsDrive``: a Lagrange multiplier on the FLOPs constraint, updated as a bounded PI
+- ``BudgetDrive``: a Lagrange multiplier on the FLOPs constraint, updated as a bounded PI
   controller on the distance to the scheduled target (in the spirit of L0/CoFi structured
   pruning). It is expressed in logit steps, so it needs no tuning to the model's loss scale;
 - ``PerFlopGateStep``: each gate's task gradient is divided by the share of the FLOPs it controls
@@ -56,7 +59,7 @@ class BudgetSchedule:
         return self.original + (self.goal - self.original) * step / self.ramp_steps
 
 
-class FlopsDrive:
+class BudgetDrive:
     """How hard to push every gate towards closing, in units of the gate learning rate per step.
 
     u = clip(gain * e + I, -limit, limit), I <- clip(I + gain * e / integral_steps, -limit, limit),
@@ -84,6 +87,9 @@ class FlopsDrive:
 
     def load_state_dict(self, state: Dict[str, float]) -> None:
         self.integral = torch.tensor(float(state['integral']))
+
+
+FlopsDrive = BudgetDrive        # its name from when FLOPs were the only budget
 
 
 # The task gradient's running RMS in gate steps: half the drive's full speed, so that in a short search

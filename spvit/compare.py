@@ -2,7 +2,7 @@
 report and the latency benchmark compare."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch.nn as nn
@@ -20,6 +20,7 @@ class ModelPair:
     arch: Architecture
     original: nn.Module     # the unmodified timm model (random init unless it came with weights)
     model: nn.Module        # the pruned model of ``arch`` (``original`` itself for an all-msa arch)
+    provenance: Dict[str, Any] = field(default_factory=dict)     # a pruned checkpoint's
 
     @property
     def input_size(self) -> Tuple[int, int, int]:
@@ -59,7 +60,8 @@ def load_pair(
         if model_kwargs:
             raise SpvitError('model kwargs and img size cannot change a pruned checkpoint')
         loaded = read_pruned(pruned)
-        return ModelPair(loaded.arch, _original(loaded.arch.model, loaded.arch.model_kwargs), loaded.model)
+        return ModelPair(loaded.arch, _original(loaded.arch.model, loaded.arch.model_kwargs), loaded.model,
+                         loaded.provenance)
     if arch is not None:
         spec = Architecture.load(arch)
         kwargs = {**spec.model_kwargs, **model_kwargs}

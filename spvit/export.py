@@ -151,6 +151,17 @@ def build_from_arch(
                            exported_from='architecture')
 
 
+def latency_provenance(budget: Dict[str, Any], arch: Architecture) -> Dict[str, Any]:
+    """What a pruned checkpoint records of a latency budget: the target, the prediction for its
+    architecture and the original's, and the table (with its device) they come from."""
+    from .latency_model import LatencyTable
+    table = LatencyTable.from_dict(budget['table'], source='the search checkpoint\'s latency table')
+    return {'target_ms': budget['target'], 'ratio': budget.get('ratio'), 'predicted_ms': table.predict(arch),
+            'original_predicted_ms': table.original_ms(), 'device': table.device, 'device_name': table.device_name,
+            'batch_size': table.batch_size, 'threads': table.threads, 'torch_version': table.torch_version,
+            'table': table.to_dict()}
+
+
 SEARCH_KEYS = ('supernet', 'arch', 'kept')
 RECORD_KEYS = ('model_name', 'model_kwargs', 'theta0', 'alpha', 'state_dict')
 
@@ -178,6 +189,9 @@ def export_search(path: str) -> PrunedModel:
     exported = export_supernet(supernet, data_config=ckpt.get('data_config'), source=ckpt.get('source'),
                                target_gflops=ckpt.get('target_gflops'), exported_from='search')
     exported.provenance['search_checkpoint'] = os.path.abspath(path)
+    budget = ckpt.get('budget')
+    if isinstance(budget, dict) and budget.get('kind') == 'latency':
+        exported.provenance['latency_budget'] = latency_provenance(budget, arch)
     exported.classes = ckpt.get('classes')
     return exported
 

@@ -10,9 +10,9 @@ from typing import Callable, Dict, List, Tuple
 
 import torch.nn as nn
 
-from .arch import Architecture
+from .arch import Architecture, BlockArch
 from .errors import ArchitectureError, UnsupportedModelError
-from .families import Layout, family_of, mlp_hidden
+from .families import Family, Layout, family_of, mlp_hidden
 from .layers import ConvAttention, EvaHeadAttention, HeadAttention, NoAttention, narrow_norm
 
 
@@ -95,15 +95,22 @@ def hybridize(model: nn.Module, arch: Architecture) -> nn.Module:
     for i, ((blk, grid, npt), b) in enumerate(zip(blocks, arch.blocks)):
         if type(blk.attn) not in family.attention_types():
             raise UnsupportedModelError(f'block {i}: {type(blk.attn).__name__} is not a timm attention (already hybrid?)')
-        blk.attn = ATTENTION_BUILDERS[b.attn](blk.attn, grid, npt)
-        if b.heads is not None and len(b.heads) < blk.attn.num_heads:
-            blk.attn = family.keep_heads(blk.attn, len(b.heads))
-        if b.attn == 'skip':        # the whole attention branch goes, its norm too (pre- or post-norm)
-            blk.norm1 = nn.Identity()
-        if b.mlp_hidden != mlp_hidden(blk.mlp):
-            prune_mlp(blk.mlp, b.mlp_hidden)
+        hybridize_block(family, blk, grid, npt, b)
     return model
 
 
+def hybridize_block(family: Family, blk: nn.Module, grid: Tuple[int, int], npt: int, b: BlockArch) -> nn.Module:
+    """One block of ``hybridize``, in place: what the pruned model holds for ``b`` (the latency
+    tables time these very modules)."""
+    blk.attn = ATTENTION_BUILDERS[b.attn](blk.attn, grid, npt)
+    if b.heads is not None and len(b.heads) < blk.attn.num_heads:
+        blk.attn = family.keep_heads(blk.attn, len(b.heads))
+    if b.attn == 'skip':        # the whole attention branch goes, its norm too (pre- or post-norm)
+        blk.norm1 = nn.Identity()
+    if b.mlp_hidden != mlp_hidden(blk.mlp):
+        prune_mlp(blk.mlp, b.mlp_hidden)
+    return blk
+
+
 __all__ = ['ConvAttention', 'NoAttention', 'HeadAttention', 'EvaHeadAttention', 'ATTENTION_BUILDERS', 'prune_mlp',
-           'mlp_widths', 'layout', 'hybridize', 'classifies_from_prefix_tokens', 'check_token_path']
+           'mlp_widths', 'layout', 'hybridize', 'hybridize_block', 'classifies_from_prefix_tokens', 'check_token_path']

@@ -10,7 +10,7 @@ import statistics
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -95,19 +95,22 @@ class LatencyReport:
 
 def benchmark(
         models: Dict[str, nn.Module],
-        input_size: Tuple[int, int, int],
+        input_size: Tuple[int, ...],
         batch_sizes: Sequence[int] = (1, 64),
         warmup: int = 3,
         runs: int = 7,
         min_run_s: float = 0.2,
         device: Optional[torch.device | str] = None,
         references: Optional[Dict[str, str]] = None,
+        on_run: Optional[Callable[[], None]] = None,
 ) -> LatencyReport:
-    """Time every model at every batch size in eval mode under ``torch.inference_mode``.
+    """Time every model at every batch size in eval mode under ``torch.inference_mode``; the input
+    is ``(batch, *input_size)`` (an image, or the tokens of a block).
 
     A run repeats the forward pass until it lasts about ``min_run_s`` (so batch 1 is not timer
     noise); the runs of all models are interleaved. ``references``: model -> the model its latency
-    ratio is taken against (default: every model against the first).
+    ratio is taken against (default: every model against the first). ``on_run`` is called after
+    each model's warm-up and each timed run (a progress bar).
     """
     device = torch.device(device or 'cpu')
     timings: Dict[int, Dict[str, Timing]] = {}
@@ -120,9 +123,13 @@ def benchmark(
             for name, m in models.items():
                 one = min(_run(m, x, 1) for _ in range(max(1, warmup)))
                 row[name] = Timing(batch, iters=max(1, round(min_run_s / one)))
+                if on_run is not None:
+                    on_run()
             for _ in range(runs):
                 for name, m in models.items():
                     row[name].runs.append(_run(m, x, row[name].iters))
+                    if on_run is not None:
+                        on_run()
             timings[batch] = row
     if references is None:
         first = next(iter(models))

@@ -18,20 +18,23 @@ from tqdm import tqdm
 
 from . import data as D
 from .arch import Architecture
-from .budget import MAX_RAMP, RAMP_SPEED, BudgetSchedule, FlopsDrive, PerFlopGateStep, default_ramp, penalty
+from .budget import MAX_RAMP, RAMP_SPEED, BudgetDrive, BudgetSchedule, PerFlopGateStep, default_ramp, penalty
 from .checkpoint import SEARCH_FORMAT, atomic_save, load_file, supernet_record
 from .cli import parse_config
 from .config import AT_LEAST_ONE, FRACTION_BELOW_ONE, POSITIVE, ConfigError, field
+from .costs import Cost, FlopsCost, LatencyCost
 from .distillation import distillation_task, prepare_teacher
 from .importance import gate_fisher, init_from_importance
+from .latency_model import LatencyTable, build_latency_table
 from .models import create_model, load_exactly
 from .options import DataOptions, DistillOptions, ModelOptions, TrainOptions
 from .runtime import autocast
 from .supernet import SEARCH_SPACES, SuperNet, attach_search_space
-from .trainer import LAST, Trainer, resume_config
+from .trainer import LAST, Trainer, flag, resume_config
 
 STATE_FORMAT = 'spvit-search-state'
-RUN_FILES = (LAST, 'search-final.pth', 'log.jsonl', 'config.yaml', 'arch.yaml')
+LATENCY_TABLE_FILE = 'latency-table.json'
+RUN_FILES = (LAST, 'search-final.pth', 'log.jsonl', 'config.yaml', 'arch.yaml', LATENCY_TABLE_FILE)
 
 # Gate logits start at theta0 and must cross 0 to close. The paper's arch lr (5e-4..1e-3 for
 # ~12k steps) lets a logit move about 6-12; short searches get the same reach by default.
@@ -51,6 +54,15 @@ class SearchConfig(ModelOptions, DataOptions, TrainOptions, DistillOptions):
                               choices=tuple(SEARCH_SPACES))
     target_gflops: Optional[float] = field(None, 'FLOPs budget in GFLOPs', bounds=POSITIVE)
     target_ratio: Optional[float] = field(None, "budget as a fraction of the original model's FLOPs", bounds=POSITIVE)
+    target_latency_ms: Optional[float] = field(None, 'latency budget: ms per batch on the latency table\'s device, '
+                                               'at its batch size, as the table predicts it', bounds=POSITIVE)
+    target_latency_ratio: Optional[float] = field(None, 'latency budget as a fraction of the original model\'s '
+                                                  'predicted latency', bounds=POSITIVE)
+    latency_table: Optional[str] = field(None, 'latency budgets: the table (tools/latency_table.py) of the device the '
+                                         'model will run on (default: one built at the start on --device, at '
+                                         '--latency-batch-size, with the current threads)')
+    latency_batch_size: int = field(1, 'batch size of the latency table built at the start when no --latency-table '
+                                    'is given', bounds=AT_LEAST_ONE)
     loss_lambda: float = field(20.0, 'weight of the FLOPs penalty of --gate-update adamw (for the relative form: the '
                                'paper\'s lambda x T^2)', bounds=POSITIVE)
     flops_loss: str = field('relative', 'penalty of --gate-update adamw: relative ((F-T)/T)^2; absolute (F-T)^2 in '
@@ -92,34 +104,49 @@ class SearchConfig(ModelOptions, DataOptions, TrainOptions, DistillOptions):
     alpha: float = field(0.01, 'head-assignment softmax temperature', bounds=POSITIVE)
 
 
-def resolve_target(cfg: SearchConfig, supernet: SuperNet) -> float:
-    original, smallest = supernet.original_flops / 1e9, supernet.min_flops() / 1e9
-    if cfg.target_gflops is not None and cfg.target_ratio is not None:
-        raise ConfigError('give --target-gflops or --target-ratio, not both')
-    if cfg.target_gflops is not None:
-        target = cfg.target_gflops
-    elif cfg.target_ratio is not None:
-        target = cfg.target_ratio * original
-    else:
-        raise ConfigError('no FLOPs budget: give --target-gflops or --target-ratio')
+BUDGETS = ('target_gflops', 'target_ratio', 'target_latency_ms', 'target_latency_ratio')
+
+
+def latency_budget(cfg: SearchConfig) -> bool:
+    """Whether the budget is a latency (else FLOPs)."""
+    return cfg.target_latency_ms is not None or cfg.target_latency_ratio is not None
+
+
+def budget_key(cfg: SearchConfig) -> str:
+    """The one budget option given (checked before anything is built or timed)."""
+    given = [k for k in BUDGETS if getattr(cfg, k) is not None]
+    if len(given) > 1:
+        raise ConfigError(f'give {" or ".join(flag(k) for k in given)}, not both')
+    if not given:
+        raise ConfigError('no FLOPs budget: give --target-gflops or --target-ratio (or a latency budget: '
+                          '--target-latency-ms or --target-latency-ratio)')
+    return given[0]
+
+
+def resolve_target(cfg: SearchConfig, supernet: SuperNet, cost: Optional[Cost] = None) -> float:
+    """The budget in the cost's unit (GFLOPs, or ms with a ``LatencyCost``)."""
+    cost = cost or FlopsCost(supernet)
+    key = budget_key(cfg)
+    original, smallest = cost.original, cost.smallest()
+    target = getattr(cfg, key) if key in ('target_gflops', 'target_latency_ms') else getattr(cfg, key) * original
     if target >= original:
-        raise ConfigError(f'target {target:.4f} GFLOPs is at or above the model\'s {original:.4f} GFLOPs')
+        raise ConfigError(f'target {cost.fmt(target)} is at or above the model\'s {cost.fmt(original)}')
     if target < smallest:
         cheapest = ('every attention skipped' if supernet.space.ops else 'msa with one head in every block') + \
             ', one hidden unit per MLP'
-        raise ConfigError(f'target {target:.4f} GFLOPs is below the smallest reachable {smallest:.4f} GFLOPs '
+        raise ConfigError(f'target {cost.fmt(target)} is below the smallest reachable {cost.fmt(smallest)} '
                           f'in the {cfg.search_space} search space ({cheapest})')
     return target
 
 
-def resolve_gate_noise(mode: str, supernet: SuperNet, target_gflops: float) -> str:
-    """``auto`` -> ``none`` where the budget can be met with every block msa (all heads, one unit
-    per MLP), so no op has to change; ``anneal`` below that, where blocks must switch to conv ops
-    and the sampling trains a conv op before its block switches to it."""
+def resolve_gate_noise(mode: str, supernet: SuperNet, target: float, cost: Optional[Cost] = None) -> str:
+    """``auto`` -> ``none`` where the budget (in GFLOPs, or in the unit of ``cost``) can be met with
+    every block msa (all heads, one unit per MLP), so no op has to change; ``anneal`` below that,
+    where blocks must switch to conv ops and the sampling trains a conv op before its block switches to it."""
     if mode != 'auto':
         return mode
-    all_msa = supernet.arch_flops(supernet.uniform_arch('msa', 1)) / 1e9
-    return 'none' if target_gflops >= all_msa else 'anneal'
+    all_msa = (cost or FlopsCost(supernet)).of(supernet.uniform_arch('msa', 1))
+    return 'none' if target >= all_msa else 'anneal'
 
 
 def importance_spread(theta0: float) -> float:
@@ -154,14 +181,20 @@ def weight_param_groups(supernet: SuperNet, weight_decay: float) -> List[Dict[st
     return [{'params': no_decay, 'weight_decay': 0.0}, {'params': decay, 'weight_decay': weight_decay}]
 
 
-def arch_table(supernet: SuperNet, arch: Architecture) -> str:
+def arch_table(supernet: SuperNet, arch: Architecture, table: Optional[LatencyTable] = None) -> str:
+    """Per block: op, kept units, GFLOPs and, with a latency table, the predicted ms beside them."""
     from .flops import block_attn_flops, mlp_flops
-    lines = [f"{'block':>5}  {'op':8}  {'kept/total':>11}  {'GFLOPs':>8}"]
+    ms = None if table is None else table.block_ms(arch)
+    lines = [f"{'block':>5}  {'op':8}  {'kept/total':>11}  {'GFLOPs':>8}" + ('' if ms is None else f"  {'ms':>8}")]
     for i, (b, dims) in enumerate(zip(arch.blocks, supernet.block_dims)):
         g = (block_attn_flops(dims, b) + mlp_flops(dims, b.mlp_hidden)) / 1e9
         op = b.attn if b.heads is None else f'msa {len(b.heads)}/{dims.heads}'
-        lines.append(f'{i:>5}  {op:8}  {b.mlp_hidden:>5}/{dims.hidden:<5}  {g:8.4f}')
+        lines.append(f'{i:>5}  {op:8}  {b.mlp_hidden:>5}/{dims.hidden:<5}  {g:8.4f}'
+                     + ('' if ms is None else f'  {sum(ms[i]):8.3f}'))
     lines.append(f'total {supernet.arch_flops(arch) / 1e9:.4f} GFLOPs (original {supernet.original_flops / 1e9:.4f})')
+    if table is not None:
+        lines.append(f'predicted latency {table.predict(arch):.3f} ms (original {table.original_ms():.3f}) on '
+                     f'{table.device} ({table.device_name}), batch {table.batch_size}, {table.threads} threads')
     return '\n'.join(lines)
 
 
@@ -171,8 +204,14 @@ class SearchTrainer(Trainer):
     state_format = STATE_FORMAT
     run_files = RUN_FILES
 
+    def __init__(self, cfg: SearchConfig, state: Optional[Dict[str, Any]] = None) -> None:
+        self.latency_table: Optional[LatencyTable] = None
+        self._resume_table = None if state is None else state.get('latency_table')
+        super().__init__(cfg, state)
+
     def build_model(self):
         cfg = self.cfg
+        budget_key(cfg)
         kwargs = dict(cfg.model_kwargs)
         if cfg.img_size and kwargs.get('img_size') != cfg.img_size:
             kwargs['img_size'] = cfg.img_size
@@ -189,21 +228,43 @@ class SearchTrainer(Trainer):
                                             model_kwargs={**kwargs, 'num_classes': self.num_classes},
                                             search_space=cfg.search_space)
         self.supernet.pretrained_cfg = {**(getattr(model, 'pretrained_cfg', None) or {}), **data_config}   # for distillation
-        self.target = resolve_target(cfg, self.supernet)
+        self.cost: Cost = FlopsCost(self.supernet)
+        if latency_budget(cfg):
+            self.latency_table = self._latency_table(kwargs)
+            self.cost = LatencyCost(self.supernet, self.latency_table)
+        self.target = resolve_target(cfg, self.supernet, self.cost)
         return self.supernet, data_config
+
+    def _latency_table(self, kwargs: Dict[str, Any]) -> LatencyTable:
+        """The given table (checked against the model), the resumed run's, or one built here now."""
+        cfg, sn = self.cfg, self.supernet
+        if self._resume_table is not None:          # the run's own table, whatever the disk holds now
+            return LatencyTable.from_dict(self._resume_table, source='resumed search state')
+        if cfg.latency_table is not None:
+            table = LatencyTable.load(cfg.latency_table)
+        else:
+            if self.dist.enabled:
+                raise ConfigError('a latency budget under torchrun needs --latency-table (every process must '
+                                  'predict with the same table): build one with tools/latency_table.py')
+            print(f'search: no --latency-table: timing {cfg.model} on {self.device} at batch '
+                  f'{cfg.latency_batch_size}, {torch.get_num_threads()} threads', file=sys.stderr)
+            table = build_latency_table(cfg.model, {**kwargs, 'num_classes': self.num_classes}, device=self.device,
+                                        batch_size=cfg.latency_batch_size, progress=self.dist.main)
+        table.check_model(cfg.model, sn.block_dims, sn.input_size, where=cfg.latency_table or '')
+        return table
 
     def build_optimizers(self):
         cfg = self.cfg
-        original = self.supernet.original_flops / 1e9
+        original = self.cost.original
         ramp = check_schedule(cfg, self.target / original)
         self.schedule = BudgetSchedule(original, self.target, self.total_steps, ramp=ramp)
         self.drive = self.gate_step = None
         if cfg.gate_update == 'per-flop':
-            self.drive = FlopsDrive(self.target, max(1.0, cfg.budget_integral * self.total_steps)
-                                    if cfg.budget_integral > 0 else 0.0)
-            self.gate_step = PerFlopGateStep(self.supernet.gate_costs())
+            self.drive = BudgetDrive(self.target, max(1.0, cfg.budget_integral * self.total_steps)
+                                     if cfg.budget_integral > 0 else 0.0)
+            self.gate_step = PerFlopGateStep(self.cost.gate_costs())
         self.settle_from = int(round((1 - cfg.settle_fraction) * self.total_steps))
-        self.noise_mode = resolve_gate_noise(cfg.gate_noise, self.supernet, self.target)
+        self.noise_mode = resolve_gate_noise(cfg.gate_noise, self.supernet, self.target, self.cost)
         self.landed = 0
         self.op_ceiling: Optional[torch.Tensor] = None     # highest op per block once the target is reached
         reach = PER_FLOP_REACH if cfg.gate_update == 'per-flop' else ARCH_LR_REACH
@@ -220,7 +281,7 @@ class SearchTrainer(Trainer):
 
     def after_setup(self) -> None:
         cfg = self.cfg
-        self.flops_fn = torch.compile(self.supernet.flops, mode=cfg.compile_mode) if self.compiled else self.supernet.flops
+        self.cost_fn = torch.compile(self.cost.__call__, mode=cfg.compile_mode) if self.compiled else self.cost
         self.task = None if self.teacher is None else distillation_task(
             self.net, self.teacher, self.criterion, cfg.distill, cfg.distill_alpha, cfg.distill_tau, self.device,
             token_student=hasattr(self.supernet.model, 'set_distilled_training'))
@@ -246,13 +307,16 @@ class SearchTrainer(Trainer):
 
     def banner(self) -> str:
         ramp = f', target ramp over {self.schedule.ramp_steps:.0f} steps' if self.schedule.ramp_steps else ''
-        return (f', arch lr {self.arch_lr:.3g}; original {self.supernet.original_flops / 1e9:.4f} GFLOPs, '
-                f'target {self.target:.4f}{ramp}; gates start {self.cfg.gate_init}, update {self.cfg.gate_update}, '
+        device = '' if self.latency_table is None else f' on {self.latency_table.describe()}'
+        return (f', arch lr {self.arch_lr:.3g}; original {self.cost.fmt(self.cost.original)}{device}, '
+                f'target {self.cost.fmt(self.target)}{ramp}; gates start {self.cfg.gate_init}, update {self.cfg.gate_update}, '
                 f'noise {self.noise_mode}{" (auto)" if self.cfg.gate_noise == "auto" else ""}'
                 f'{"; compiled" if self.compiled else ""}')
 
     def resolved_config(self) -> Dict[str, Any]:
-        return {**super().resolved_config(), 'arch_lr': self.arch_lr, 'target_gflops': self.target, 'target_ratio': None}
+        budget = ({'target_latency_ms': self.target, 'target_latency_ratio': None} if self.latency_table is not None
+                  else {'target_gflops': self.target, 'target_ratio': None})
+        return {**super().resolved_config(), 'arch_lr': self.arch_lr, **budget}
 
     def gate_noise(self, step: int) -> float:
         mode = self.noise_mode
@@ -270,13 +334,16 @@ class SearchTrainer(Trainer):
             else:           # (1 - alpha) task loss + alpha distillation loss
                 out = self.task(x, y)
                 task, parts = out['loss'], {'task_loss': out['task_loss'].detach(), 'kd_loss': out['kd_loss'].detach()}
-        gflops = self.flops_fn()
+        cost = self.cost_fn()
         target = self.schedule.target(self.global_step)
-        parts.update(gflops=gflops.detach(), target=target)
+        parts.update({self.cost.key: cost.detach(), 'target': target})
+        if self.latency_table is not None:      # GFLOPs beside the predicted latency
+            with torch.no_grad():
+                parts['gflops'] = self.supernet.flops().detach()
         if self.drive is None:      # the paper: the penalty is part of the loss
-            pen = self.cfg.loss_lambda * penalty(gflops, target, self.cfg.flops_loss, self.target)
+            pen = self.cfg.loss_lambda * penalty(cost, target, self.cfg.flops_loss, self.target)
             return task.float() + pen, {**parts, 'penalty': pen.detach()}
-        self._flops, self._drive = gflops, self.drive(gflops, target)
+        self._cost, self._drive = cost, self.drive(cost, target)
         return task.float(), {**parts, 'drive': self._drive}
 
     def log_fields(self) -> Dict[str, Any]:
@@ -298,7 +365,7 @@ class SearchTrainer(Trainer):
         if self.gate_step is not None:
             if self.scaler is not None:         # the drive is added to unscaled gradients
                 self.scaler.unscale_(self.optimizers['arch'])
-            self.gate_step.normalise(self.supernet.gate_parameters(), self._flops / (self.supernet.original_flops / 1e9))
+            self.gate_step.normalise(self.supernet.gate_parameters(), self._cost / self.cost.original)
 
     def after_optimizer_step(self) -> None:
         if self.gate_step is not None:
@@ -311,10 +378,12 @@ class SearchTrainer(Trainer):
         if ratchet:
             self.op_ceiling = self.supernet.op_levels()
         if self.cfg.land and self.global_step + 1 == self.total_steps:     # the last planned step
-            self.landed = self.supernet.land_on(self.target * 1e9)
+            self.landed = (self.supernet.land_on(self.target * 1e9) if self.latency_table is None
+                           else self.supernet.land_on(self.target, self.cost))
 
     def model_state(self) -> Dict[str, Any]:
         return {'supernet': supernet_record(self.supernet), 'target_gflops': self.target,
+                'latency_table': None if self.latency_table is None else self.latency_table.to_dict(),
                 'drive': self.drive.state_dict() if self.drive is not None else None,
                 'gate_step': self.gate_step.state_dict() if self.gate_step is not None else None,
                 'op_ceiling': None if self.op_ceiling is None else self.op_ceiling.tolist()}
@@ -338,35 +407,52 @@ class SearchTrainer(Trainer):
     def end_epoch(self, metrics: Dict[str, float], eval_loader) -> Dict[str, Any]:
         arch = self.supernet.architecture()
         if self.dist.main:
-            tqdm.write(arch_table(self.supernet, arch) + f'\nval top-1 {metrics["top1"]:.2f}%  top-5 {metrics["top5"]:.2f}%',
-                       file=sys.stderr)
+            tqdm.write(arch_table(self.supernet, arch, self.latency_table) + f'\nval top-1 {metrics["top1"]:.2f}%  '
+                       f'top-5 {metrics["top5"]:.2f}%', file=sys.stderr)
             arch.save(os.path.join(self.out, 'arch.yaml'))
-        return {'gflops': self.supernet.arch_flops(arch) / 1e9, 'target': self.target, 'arch': arch.to_dict()}
+        extra = {} if self.latency_table is None else {'latency_ms': self.latency_table.predict(arch)}
+        return {'gflops': self.supernet.arch_flops(arch) / 1e9, **extra, 'target': self.target, 'arch': arch.to_dict()}
+
+    def budget_record(self, arch: Architecture) -> Dict[str, Any]:
+        """What search-final.pth (and the pruned checkpoint's provenance) records about the budget."""
+        cost = self.cost
+        record = {'kind': cost.kind, 'unit': cost.unit, 'target': self.target, 'achieved': cost.of(arch),
+                  'original': cost.original}
+        if self.latency_table is not None:
+            record.update(ratio=self.cfg.target_latency_ratio, table=self.latency_table.to_dict())
+        else:
+            record.update(ratio=self.cfg.target_ratio)
+        return record
 
     def finish(self) -> None:
         arch = self.supernet.architecture()
-        achieved = self.supernet.arch_flops(arch) / 1e9
+        gflops = self.supernet.arch_flops(arch) / 1e9
+        achieved = self.cost.of(arch)
         if not self.dist.main:
             return
         arch.save(os.path.join(self.out, 'arch.yaml'))
+        if self.latency_table is not None:
+            self.latency_table.save(os.path.join(self.out, LATENCY_TABLE_FILE))
         atomic_save({
             'format': SEARCH_FORMAT, 'version': 1,
             'supernet': supernet_record(self.supernet),
             'arch': arch.to_dict(), 'kept': self.supernet.kept_units(),
             'data_config': self.data_config, 'classes': list(self.classes),
             'source': {'pretrained': self.cfg.pretrained, 'checkpoint': self.cfg.checkpoint},
-            'target_gflops': self.target, 'achieved_gflops': achieved,
+            'target_gflops': None if self.latency_table is not None else self.target, 'achieved_gflops': gflops,
             'original_gflops': self.supernet.original_flops / 1e9,
+            'budget': self.budget_record(arch),
             'config': self.resolved_config(),
         }, os.path.join(self.out, 'search-final.pth'))
         off = (achieved - self.target) / self.target
         if self.landed:
             print(f'search: landing {"opened" if self.landed > 0 else "closed"} {abs(self.landed)} MLP units '
                   'nearest to their threshold', file=sys.stderr)
-        print(f'search: done, {achieved:.4f} GFLOPs for a target of {self.target:.4f} ({off:+.1%}); '
-              f'wrote {os.path.join(self.out, "search-final.pth")}', file=sys.stderr)
+        beside = '' if self.latency_table is None else f' predicted ({gflops:.4f} GFLOPs)'
+        print(f'search: done, {self.cost.fmt(achieved)}{beside} for a target of {self.cost.fmt(self.target)} '
+              f'({off:+.1%}); wrote {os.path.join(self.out, "search-final.pth")}', file=sys.stderr)
         if abs(off) > 0.02:
-            print(f'search: warning: the searched architecture is {off:+.1%} off the FLOPs target; '
+            print(f'search: warning: the searched architecture is {off:+.1%} off the {self.cost.kind} target; '
                   'search longer, or raise --loss-lambda or --arch-lr', file=sys.stderr)
 
 

@@ -7,7 +7,7 @@ the blocks are, what their FLOPs depend on, which slots attach) is in ``spvit.fa
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -19,6 +19,10 @@ from .flops import BlockDims, arch_flops, attn_flops, gated_block_flops, measure
 from .gates import deterministic_gates, hold_conv3x3_open, penalty_attention_gates
 from .hybrid import classifies_from_prefix_tokens
 from .slots import AttentionSlot, MlpSlot
+
+if TYPE_CHECKING:
+    from .costs import Cost
+    from .latency_model import LatencyTable
 
 
 @dataclass(frozen=True)
@@ -153,6 +157,37 @@ class SuperNet(nn.Module):
                     for b, (a, m) in zip(self.block_dims, self._slots))
         return (total + self.fixed_flops) / 1e9
 
+    def latency(self, table: 'LatencyTable') -> torch.Tensor:
+        """Predicted ms of the pruned model under the deterministic gates on the table's device,
+        differentiable in the gate logits (``flops()`` with a latency table's costs)."""
+        from .latency_model import gated_block_latency
+        total = sum(gated_block_latency(table.shape(i), self._penalty_gates(a), deterministic_gates(m.gate_logits),
+                                        None if a.head_logits is None else deterministic_gates(a.head_logits),
+                                        conv3x3=not a.conv3x3_left_out)
+                    for i, (a, m) in enumerate(self._slots))
+        return total + table.fixed_ms
+
+    def latency_gate_costs(self, table: 'LatencyTable') -> List[torch.Tensor]:
+        """``gate_costs()`` in predicted latency: for each tensor of ``gate_parameters()``, the share
+        of the original's predicted latency each of its gates controls. A gate whose step costs no
+        time, or saves time by opening (an op slower than the next one up), counts as one MLP unit
+        of its block, so that the per-flop update never divides by zero."""
+        original = table.original_ms()
+        costs = []
+        for i, (a, m) in enumerate(self._slots):
+            s = table.shape(i)
+            floor = max(s.unit_ms(), 1e-9)
+            l0, l1, l3, lm = (s.ops[op] for op in ATTN_OPS)
+            l3 = l1 if a.conv3x3_left_out else l3
+            if self.space.ops:
+                costs.append(torch.tensor([max(l1 - l0, floor), max(l3 - l1, floor), max(lm - l3, floor)],
+                                          dtype=torch.float64) / original)
+            if a.head_logits is not None:
+                per_head = (s.msa_heads[-1] - s.msa_heads[0]) / max(1, a.num_heads - 1)
+                costs.append(torch.full((a.num_heads,), max(per_head, floor) / original, dtype=torch.float64))
+            costs.append(torch.full((m.hidden_features,), floor / original, dtype=torch.float64))
+        return [c.float() for c in costs]
+
     @staticmethod
     def _penalty_gates(a: AttentionSlot) -> torch.Tensor:
         gates = penalty_attention_gates(a.gate_logits)
@@ -162,7 +197,7 @@ class SuperNet(nn.Module):
         """Analytic FLOPs (MACs) of an architecture of this model."""
         return arch_flops(self.block_dims, self.fixed_flops, arch)
 
-    def min_flops(self) -> int:
+    def min_arch(self) -> Architecture:
         """The cheapest reachable architecture: every block skip with one hidden unit (one block
         msa if the head reads the class token)."""
         heads = 1 if self.space.heads else None
@@ -170,16 +205,26 @@ class SuperNet(nn.Module):
         if self.needs_msa and self.space.ops:
             cheapest = min(range(len(self.block_dims)), key=lambda i: attn_flops(self.block_dims[i], 'msa', heads))
             arch.blocks[cheapest] = BlockArch('msa', 1, None if heads is None else [0])
-        return arch_flops(self.block_dims, self.fixed_flops, arch)
+        return arch
 
-    def land_on(self, target_flops: float) -> int:
+    def min_flops(self) -> int:
+        """FLOPs of ``min_arch()``."""
+        return arch_flops(self.block_dims, self.fixed_flops, self.min_arch())
+
+    def land_on(self, target_flops: float, cost: Optional['Cost'] = None) -> int:
         """Open or close the MLP units nearest to their threshold (smallest |logit|) until the
-        architecture's FLOPs are as close to ``target_flops`` as single units allow. Returns the
-        number of units flipped (negative: closed). The search's last step: what the gates leave
-        within a few units of the target lands on it."""
+        architecture's FLOPs (or, with ``cost``, its cost in that cost's unit: ``target_flops`` is
+        then in it too) are as close to ``target_flops`` as single units allow. Returns the number
+        of units flipped (negative: closed). The search's last step: what the gates leave within a
+        few units of the target lands on it."""
         arch = self.architecture()
-        gap = target_flops - self.arch_flops(arch)
-        cost = [mlp_flops(b, 1) for b in self.block_dims]
+        if cost is None:
+            gap = target_flops - self.arch_flops(arch)
+
+            def step(i: int, width: int, opening: bool) -> float:
+                return mlp_flops(self.block_dims[i], 1)
+        else:
+            gap, step = target_flops - cost.of(arch), cost.unit_step
         opening = gap > 0
         candidates = []
         for i, m in enumerate(self.mlp_slots):
@@ -190,11 +235,12 @@ class SuperNet(nn.Module):
         kept = [b.mlp_hidden for b in arch.blocks]
         flipped = 0
         for _, i, j in sorted(candidates):
-            if abs(gap) <= cost[i] / 2 or (not opening and kept[i] <= 1):   # a unit here would overshoot
+            unit = step(i, kept[i], opening)
+            if abs(gap) <= unit / 2 or (not opening and kept[i] <= 1):   # a unit here would overshoot
                 continue
             with torch.no_grad():
                 self.mlp_slots[i].gate_logits[j] = 1e-3 if opening else -1e-3
-            gap += -cost[i] if opening else cost[i]
+            gap += -unit if opening else unit
             kept[i] += 1 if opening else -1
             flipped += 1 if opening else -1
         return flipped
