@@ -62,6 +62,17 @@ def int_at_least(low: int) -> Callable[[str], int]:
     return parse
 
 
+def positive_number(text: str) -> float:
+    """argparse type: a number above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'expected a number, got {text!r}') from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f'must be positive, got {text}')
+    return value
+
+
 def device_name(text: str) -> str:
     """argparse type: cpu, cuda or cuda:N, where this machine has it."""
     import torch

@@ -9,61 +9,12 @@ A pruned checkpoint of a latency-budget search carries its latency table: the re
 the table's threads, times the table's batch size and adds measured against predicted latency.
 """
 import json
-import sys
 
 import torch
 
 from spvit.cli import ArgumentParser, add_model_source, device_name, int_at_least, model_source, run
 from spvit.latency import compare_latency
-from spvit.latency_model import LatencyTable, LatencyTableError
-
-
-def latency_table(args, pair):
-    """The table to predict with: --latency-table (refused, one line, if it is for another model or
-    device), else the one a latency-budget checkpoint carries (skipped with a note on another device)."""
-    budget = pair.provenance.get('latency_budget') if args.pruned else None
-    if args.latency_table is None and not budget:
-        return None, None
-    explicit = args.latency_table is not None
-    table = (LatencyTable.load(args.latency_table) if explicit
-             else LatencyTable.from_dict(budget['table'], source=f'{args.pruned} (latency budget)'))
-    where = args.latency_table if explicit else f'of {args.pruned}'
-    table.check_model(pair.arch.model, pair.block_dims, pair.input_size, where=where)
-    try:
-        table.check_device(args.device, threads=args.threads, where=where)
-    except LatencyTableError as e:
-        if explicit:
-            raise
-        print(f'benchmark.py: note: no measured-against-predicted latency: {e}', file=sys.stderr)
-        return None, None
-    return table, budget
-
-
-def prediction(report, table, budget, pair):
-    """Predicted against measured at the table's batch size, and against the budget's target."""
-    b = table.batch_size
-    measured = {name: report.timings[b][name].latency_ms for name in ('original', 'pruned')}
-    predicted = {'original': table.original_ms(), 'pruned': table.predict(pair.arch)}
-    out = {'table': table.describe(), 'batch': b, 'predicted_ms': predicted, 'measured_ms': measured,
-           'measured_over_predicted': {k: measured[k] / predicted[k] for k in measured}}
-    if budget:
-        out.update(target_ms=budget['target_ms'], ratio=budget.get('ratio'),
-                   measured_over_target=measured['pruned'] / budget['target_ms'],
-                   measured_ratio=measured['pruned'] / measured['original'])
-    return out
-
-
-def format_prediction(p):
-    lines = [f'\npredicted latency (table: {p["table"]}), batch {p["batch"]}:']
-    for name in ('original', 'pruned'):
-        r = p['measured_over_predicted'][name]
-        lines.append(f'  {name:<8} predicted {p["predicted_ms"][name]:.2f} ms, measured {p["measured_ms"][name]:.2f} ms '
-                     f'(measured/predicted {r:.3f}, {r - 1:+.1%})')
-    if 'target_ms' in p:
-        ratio = '' if p['ratio'] is None else f' ({p["ratio"]:g} of the original\'s predicted)'
-        lines.append(f'  budget {p["target_ms"]:.2f} ms{ratio}: pruned measured/target {p["measured_over_target"]:.3f} '
-                     f'({p["measured_over_target"] - 1:+.1%}); measured latency ratio {p["measured_ratio"]:.3f}')
-    return '\n'.join(lines)
+from spvit.latency_report import format_prediction, prediction, prediction_table
 
 RUNTIMES = ('torch', 'onnxruntime')
 
@@ -94,7 +45,7 @@ def main(argv=None):
         if args.device != 'cpu':
             p.error('--runtime onnxruntime runs on the CPU: give --device cpu')
     pair = model_source(args)
-    table, budget = latency_table(args, pair)
+    table, budget = prediction_table(pair, args.latency_table, args.device, args.threads, args.pruned)
     if table is not None:
         if args.threads is None and torch.device(args.device).type == 'cpu':
             args.threads = table.threads        # what the prediction is for
