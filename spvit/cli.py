@@ -62,6 +62,19 @@ def int_at_least(low: int) -> Callable[[str], int]:
     return parse
 
 
+def fraction_between(low: float, high: float) -> Callable[[str], float]:
+    """argparse type: a number strictly between ``low`` and ``high``."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f'expected a number, got {text!r}') from None
+        if not low < value < high:
+            raise argparse.ArgumentTypeError(f'must lie in ({low:g}, {high:g}), got {text}')
+        return value
+    return parse
+
+
 def device_name(text: str) -> str:
     """argparse type: cpu, cuda or cuda:N, where this machine has it."""
     import torch
