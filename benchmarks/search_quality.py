@@ -85,29 +85,16 @@ def start_supernet(checkpoint: str):
 
 
 def uniform_arch(checkpoint: str, ratio: float, path: str, heads: bool = False) -> Optional[Dict[str, Any]]:
-    """Every block msa, every MLP the same width, at the FLOPs closest to ``ratio`` of the original.
-    Without ``heads``: every head kept, None where all-msa alone costs more than that. With
-    ``heads``: every block keeps the same number of heads too (the largest by magnitude), the one
-    whose share of the heads is nearest to the MLPs' share of their units."""
-    from spvit import Architecture, BlockArch
-    from spvit.flops import mlp_flops
+    """The uniform prune at ``ratio`` (``SuperNet.uniform_prune``) saved to ``path``; None where
+    all-msa alone costs more than the budget."""
     supernet = start_supernet(checkpoint)
-    dims = supernet.block_dims
-    target = ratio * supernet.original_flops
-    unit = sum(mlp_flops(b, 1) for b in dims)
-    options = []
-    for h in (range(1, dims[0].heads + 1) if heads else [dims[0].heads]):
-        attn_only = supernet.arch_flops(supernet.uniform_arch('msa', 1, h)) - unit
-        hidden = round((target - attn_only) / unit)
-        if hidden >= 1:
-            options.append((abs(h / dims[0].heads - hidden / dims[0].hidden), h, min(hidden, dims[0].hidden)))
-    if not options:
+    arch = supernet.uniform_prune(ratio, heads)
+    if arch is None:
         return None
-    _, h, hidden = min(options)
-    kept = supernet.magnitude_heads(h)
-    arch = Architecture(supernet.model_name, [BlockArch('msa', hidden, k) for k in kept], supernet.model_kwargs)
     arch.save(path)
-    return {'hidden': hidden, 'heads': h, 'gflops': supernet.arch_flops(arch) / 1e9}
+    b = arch.blocks[0]
+    return {'hidden': b.mlp_hidden, 'heads': len(b.heads) if b.heads else supernet.block_dims[0].heads,
+            'gflops': supernet.arch_flops(arch) / 1e9}
 
 
 # method -> search space (searched methods) or None (uniform prunes, with or without heads)

@@ -62,15 +62,18 @@ def int_at_least(low: int) -> Callable[[str], int]:
     return parse
 
 
-def positive_number(text: str) -> float:
-    """argparse type: a number above 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f'expected a number, got {text!r}') from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f'must be positive, got {text}')
-    return value
+def number_between(low: float, high: float = float('inf')) -> Callable[[str], float]:
+    """argparse type: a number strictly between ``low`` and ``high``."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f'expected a number, got {text!r}') from None
+        if not low < value < high:
+            raise argparse.ArgumentTypeError(f'must be above {low:g}, got {text}' if high == float('inf')
+                                             else f'must lie in ({low:g}, {high:g}), got {text}')
+        return value
+    return parse
 
 
 def device_name(text: str) -> str:

@@ -40,7 +40,10 @@ def write_image_folder(out: str, cache: str, train_per_class: int, val_per_class
     stamp = f'{train_per_class} {val_per_class}\n'
     if os.path.exists(done) and open(done).read() == stamp:
         return out
+    if os.path.exists(done):
+        os.remove(done)
     for split, train, per_class in (('train', True, train_per_class), ('val', False, val_per_class)):
+        shutil.rmtree(os.path.join(out, split), ignore_errors=True)     # a smaller size keeps no extra images
         ds = load_fashion_mnist(cache, train, source)
         counts = [0] * len(CLASS_DIRS)
         for c in CLASS_DIRS:

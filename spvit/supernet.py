@@ -361,6 +361,27 @@ class SuperNet(nn.Module):
         return Architecture(model=self.model_name, model_kwargs=dict(self.model_kwargs), blocks=blocks)
 
 
+    def uniform_prune(self, ratio: float, heads: bool = False) -> Optional[Architecture]:
+        """The uniform baseline at ``ratio`` of the original FLOPs: every block msa, every MLP the
+        same number of units, the magnitude-kept ones. Without ``heads`` every head is kept (None
+        where all-msa alone costs more than that); with ``heads`` every block keeps the same number
+        of heads too (the largest by magnitude), the count whose share of the heads is nearest to
+        the MLPs' share of their units."""
+        dims = self.block_dims
+        target = ratio * self.original_flops
+        unit = sum(mlp_flops(b, 1) for b in dims)
+        options = []
+        for h in (range(1, dims[0].heads + 1) if heads else [dims[0].heads]):
+            attn_only = self.arch_flops(self.uniform_arch('msa', 1, h)) - unit
+            hidden = round((target - attn_only) / unit)
+            if hidden >= 1:
+                options.append((abs(h / dims[0].heads - hidden / dims[0].hidden), h, min(hidden, dims[0].hidden)))
+        if not options:
+            return None
+        _, h, hidden = min(options)
+        return Architecture(self.model_name, [BlockArch('msa', hidden, k) for k in self.magnitude_heads(h)],
+                            dict(self.model_kwargs))
+
 def attach_search_space(
         model: nn.Module,
         theta0: float = 1.5,

@@ -7,7 +7,7 @@
 import torch
 
 from spvit.checkpoint import check_new_files
-from spvit.cli import ArgumentParser, add_model_kwargs, device_name, int_at_least, positive_number, run
+from spvit.cli import ArgumentParser, add_model_kwargs, device_name, int_at_least, number_between, run
 from spvit.latency_model import DEFAULT_MLP_POINTS, build_latency_table
 
 
@@ -24,7 +24,7 @@ def main(argv=None):
                    help='MLP widths timed (1 and even steps up to the full width); between them it is interpolated')
     p.add_argument('--warmup', type=int_at_least(0), default=2, help='untimed passes per part')
     p.add_argument('--runs', type=int_at_least(1), default=5, help='timed runs per part (the median is kept)')
-    p.add_argument('--min-run-s', type=positive_number, default=0.2, help='a run repeats a part for at least this long')
+    p.add_argument('--min-run-s', type=number_between(0), default=0.2, help='a run repeats a part for at least this long')
     p.add_argument('--output', required=True, help='the table (JSON)')
     p.add_argument('--force', action='store_true', help='replace an existing output')
     args = p.parse_args(argv)
