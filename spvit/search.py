@@ -92,10 +92,11 @@ class SearchConfig(ModelOptions, DataOptions, TrainOptions, DistillOptions):
                             'switches to them), sampled (the paper: relaxed Bernoulli throughout), auto (none when the '
                             'budget leaves room for msa with every head in every block, else anneal)',
                             choices=('auto', 'none', 'anneal', 'sampled'))
-    ops_after_ramp: str = field('free', 'once the target is reached, free: a block\'s attention op may move both '
+    ops_after_ramp: str = field('auto', 'once the target is reached, free: a block\'s attention op may move both '
                                 'ways (the paper); down: it may still fall (msa > conv3x3 > conv1x1 > skip) but never '
-                                'rise again, so an undershoot is refilled by MLP units instead of a whole msa',
-                                choices=('free', 'down'))
+                                'rise again, so an undershoot is refilled by MLP units instead of a whole msa; auto: '
+                                'down in the paper\'s space when the budget is below msa in every block (one unit per '
+                                'MLP), else free', choices=('auto', 'free', 'down'))
     land: bool = field(True, 'after the last step, open or close the MLP units nearest to their threshold until the '
                        'FLOPs are on the target (within one unit)')
     importance_batches: int = field(8, 'training batches the Fisher scores of --gate-init importance are summed over',
@@ -147,6 +148,17 @@ def resolve_gate_noise(mode: str, supernet: SuperNet, target: float, cost: Optio
         return mode
     all_msa = (cost or FlopsCost(supernet)).of(supernet.uniform_arch('msa', 1))
     return 'none' if target >= all_msa else 'anneal'
+
+
+def resolve_ops_after_ramp(mode: str, supernet: SuperNet, target: float, cost: Optional[Cost] = None) -> str:
+    """``auto`` -> ``down`` where ops must fall to meet the budget (below msa in every block) and
+    the space has no heads: there an op that rises after the target is reached brings back a whole
+    msa whose task gradient the bounded drive may not overcome again before the settle phase (on a
+    17-token ViT at 0.3 such a search ended 21% over its budget); ``free`` elsewhere."""
+    if mode != 'auto':
+        return mode
+    all_msa = (cost or FlopsCost(supernet)).of(supernet.uniform_arch('msa', 1))
+    return 'down' if supernet.space.ops and not supernet.space.heads and target < all_msa else 'free'
 
 
 def importance_spread(theta0: float) -> float:
@@ -265,6 +277,7 @@ class SearchTrainer(Trainer):
             self.gate_step = PerFlopGateStep(self.cost.gate_costs())
         self.settle_from = int(round((1 - cfg.settle_fraction) * self.total_steps))
         self.noise_mode = resolve_gate_noise(cfg.gate_noise, self.supernet, self.target, self.cost)
+        self.ops_mode = resolve_ops_after_ramp(cfg.ops_after_ramp, self.supernet, self.target, self.cost)
         self.landed = 0
         self.op_ceiling: Optional[torch.Tensor] = None     # highest op per block once the target is reached
         reach = PER_FLOP_REACH if cfg.gate_update == 'per-flop' else ARCH_LR_REACH
@@ -310,7 +323,8 @@ class SearchTrainer(Trainer):
         device = '' if self.latency_table is None else f' on {self.latency_table.describe()}'
         return (f', arch lr {self.arch_lr:.3g}; original {self.cost.fmt(self.cost.original)}{device}, '
                 f'target {self.cost.fmt(self.target)}{ramp}; gates start {self.cfg.gate_init}, update {self.cfg.gate_update}, '
-                f'noise {self.noise_mode}{" (auto)" if self.cfg.gate_noise == "auto" else ""}'
+                f'noise {self.noise_mode}{" (auto)" if self.cfg.gate_noise == "auto" else ""}, '
+                f'ops after the ramp {self.ops_mode}{" (auto)" if self.cfg.ops_after_ramp == "auto" else ""}'
                 f'{"; compiled" if self.compiled else ""}')
 
     def resolved_config(self) -> Dict[str, Any]:
@@ -370,7 +384,7 @@ class SearchTrainer(Trainer):
     def after_optimizer_step(self) -> None:
         if self.gate_step is not None:
             self.gate_step.drive(self._drive, self.optimizers['arch'].param_groups[0]['lr'])
-        ratchet = (self.supernet.space.ops and self.cfg.ops_after_ramp == 'down'
+        ratchet = (self.supernet.space.ops and self.ops_mode == 'down'
                    and self.global_step + 1 >= self.schedule.ramp_steps)
         if ratchet and self.op_ceiling is not None:
             self.supernet.cap_ops(self.op_ceiling)

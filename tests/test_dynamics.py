@@ -244,3 +244,17 @@ def test_auto_gate_noise_samples_only_where_ops_must_change():
     assert resolve_gate_noise('auto', supernet, floor) == 'none'
     assert resolve_gate_noise('auto', supernet, floor * 0.99) == 'anneal'
     assert resolve_gate_noise('sampled', supernet, floor) == 'sampled'
+
+
+def test_auto_ops_after_ramp_holds_ops_down_only_where_they_must_fall_in_the_papers_space():
+    """auto: ``down`` in the paper's space below msa in every block, ``free`` above it and in a space
+    with heads; an explicit mode is kept."""
+    from spvit.search import resolve_ops_after_ramp
+    supernet, _ = supernet_and_original('vit_tiny_patch16_224', **SMALL)
+    full, _ = supernet_and_original('vit_tiny_patch16_224', search_space='full', **SMALL)
+    floor = supernet.arch_flops(supernet.uniform_arch('msa', 1)) / 1e9
+    assert resolve_ops_after_ramp('auto', supernet, floor) == 'free'
+    assert resolve_ops_after_ramp('auto', supernet, floor * 0.99) == 'down'
+    assert resolve_ops_after_ramp('auto', full, floor * 0.99) == 'free'
+    assert resolve_ops_after_ramp('free', supernet, floor * 0.99) == 'free'
+    assert resolve_ops_after_ramp('down', supernet, floor) == 'down'
