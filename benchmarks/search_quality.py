@@ -40,20 +40,17 @@ from typing import Any, Dict, List, Optional, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from spvit.demo import DATA, LIGHT_AUG, sh, tool  # noqa: E402
+from spvit.demo import DATA, LIGHT_AUG, ORIGINAL_PER_CLASS, ORIGINAL_RECIPE, last_epoch, sh, tool  # noqa: E402
 from spvit.fashion_mnist import write_image_folder  # noqa: E402
 
 MODEL = ['--model', 'vit_tiny_patch16_224', '--model-kwargs', 'img_size=32', 'patch_size=4', 'depth=6']
 # The starting model plays a user's pretrained model: trained on the whole training split (60k
 # images; the search and the fine-tunes see only their first --train-per-class of each class).
-PRETRAIN_PER_CLASS = 6000
+PRETRAIN_PER_CLASS = ORIGINAL_PER_CLASS
 # Two stages, each cached in its own folder: 8 epochs with the light augmentation (70.9 -> 85.9%,
 # still rising), then 5 more from there at half the peak lr on whole images (no random crop), which
 # takes the model past 88% for less than the 2x longer single run it would otherwise need.
-PRETRAIN_STAGES = (
-    ('pretrain', ['--batch-size', '128', '--epochs', '8', '--lr', '4e-3', '--warmup-epochs', '1']),
-    ('pretrain2', ['--batch-size', '128', '--epochs', '5', '--lr', '2e-3', '--warmup-epochs', '0', '--scale', '1', '1']),
-)
+PRETRAIN_STAGES = tuple(zip(('pretrain', 'pretrain2'), ORIGINAL_RECIPE))     # the demo's original's recipe
 
 
 def finished(run_dir: str, epochs: int) -> bool:
@@ -64,11 +61,6 @@ def finished(run_dir: str, epochs: int) -> bool:
         return True
     shutil.rmtree(run_dir, ignore_errors=True)
     return False
-
-
-def last_epoch(run_dir: str) -> Dict[str, Any]:
-    records = [json.loads(line) for line in open(os.path.join(run_dir, 'log.jsonl'))]
-    return [r for r in records if r['kind'] == 'epoch'][-1]
 
 
 def step_records(run_dir: str) -> List[Dict[str, Any]]:

@@ -11,7 +11,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
-from .checkpoint import atomic_write_text
+from .checkpoint import atomic_write_text, read_text
 from .errors import ArchitectureError
 
 # Cheapest first; the index of an op is the number of open cumulative gates.
@@ -96,11 +96,7 @@ class Architecture:
 
     @classmethod
     def load(cls, path: str) -> 'Architecture':
-        try:
-            with open(path) as f:
-                text = f.read()
-        except OSError as e:
-            raise ArchitectureError(f"cannot read architecture file {path}: {e.strerror}") from None
+        text = read_text(path, 'architecture file', ArchitectureError)
         try:
             data = json.loads(text) if path.endswith('.json') else yaml.safe_load(text)
         except (ValueError, yaml.YAMLError) as e:

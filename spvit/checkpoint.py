@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence, Type
 
 import torch
 
@@ -53,6 +53,15 @@ def atomic_write_text(path: str, text: str) -> None:
         with open(tmp, 'w') as f:
             f.write(text)
     atomic_write(path, write)
+
+
+def read_text(path: str, what: str, error: Type[Exception]) -> str:
+    """The text of ``path``; a file that cannot be read raises ``error`` with one line naming ``what``."""
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError as e:
+        raise error(f'cannot read {what} {path}: {e.strerror}') from None
 
 
 def atomic_save(obj: Any, path: str) -> None:

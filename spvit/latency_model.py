@@ -291,11 +291,8 @@ class LatencyTable:
 
     @classmethod
     def load(cls, path: str) -> 'LatencyTable':
-        try:
-            with open(path) as f:
-                text = f.read()
-        except OSError as e:
-            raise LatencyTableError(f'cannot read latency table {path}: {e.strerror}') from None
+        from .checkpoint import read_text
+        text = read_text(path, 'latency table', LatencyTableError)
         try:
             data = json.loads(text)
         except ValueError as e:
