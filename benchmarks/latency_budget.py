@@ -60,30 +60,33 @@ def random_archs(model: str, kwargs: Dict[str, Any], count: int, seed: int = 0) 
 
 def predictor_error(model: str, kwargs: Dict[str, Any], table_path: str, archs: int, runs: int, threads: int,
                     out: str) -> Dict[str, Any]:
-    """Measured against predicted latency of random architectures (cached in ``out``)."""
-    if os.path.exists(out):
-        return json.load(open(out))
-    import torch
-
+    """Measured against predicted latency of random architectures. The measurements are cached in
+    ``out``; the predictions are made again from the table at every run."""
     import spvit
-    from spvit.latency import benchmark
-    from spvit.latency_model import LatencyTable, table_model
-    torch.set_num_threads(threads)
+    from spvit.latency_model import LatencyTable
     table = LatencyTable.load(table_path)
-    candidates = random_archs(model, kwargs, archs)
-    models = {'original': table_model(model, kwargs)[0]}
-    for i, arch in enumerate(candidates):
-        models[f'arch{i}'] = spvit.build_from_arch(model, kwargs, arch).model
-    print(f'\ntiming the original and {archs} random architectures at batch {table.batch_size}, {threads} threads',
-          flush=True)
-    report = benchmark(models, tuple(table.input_size), batch_sizes=(table.batch_size,), warmup=1, runs=runs)
+    if os.path.exists(out):
+        measured = {r['name']: (r['measured_ms'], r['arch']) for r in json.load(open(out))['rows']}
+    else:
+        import torch
+
+        from spvit.latency import benchmark
+        from spvit.latency_model import table_model
+        torch.set_num_threads(threads)
+        candidates = random_archs(model, kwargs, archs)
+        models = {'original': table_model(model, kwargs)[0]}
+        for i, arch in enumerate(candidates):
+            models[f'arch{i}'] = spvit.build_from_arch(model, kwargs, arch).model
+        print(f'\ntiming the original and {archs} random architectures at batch {table.batch_size}, {threads} threads',
+              flush=True)
+        report = benchmark(models, tuple(table.input_size), batch_sizes=(table.batch_size,), warmup=1, runs=runs)
+        measured = {name: (report.timings[table.batch_size][name].latency_ms,
+                           None if name == 'original' else candidates[int(name[4:])].to_dict()) for name in models}
     rows = []
-    for name, m in models.items():
-        arch = candidates[int(name[4:])] if name != 'original' else None
-        predicted = table.original_ms() if arch is None else table.predict(arch)
-        measured = report.timings[table.batch_size][name].latency_ms
-        rows.append({'name': name, 'predicted_ms': predicted, 'measured_ms': measured,
-                     'error': predicted / measured - 1, 'arch': None if arch is None else arch.to_dict()})
+    for name, (ms, arch) in measured.items():
+        predicted = table.original_ms() if arch is None else table.predict(spvit.Architecture.from_dict(arch))
+        rows.append({'name': name, 'predicted_ms': predicted, 'measured_ms': ms, 'error': predicted / ms - 1,
+                     'arch': arch})
     errors = [abs(r['error']) for r in rows if r['name'] != 'original']
     result = {'batch': table.batch_size, 'table': table.describe(), 'rows': rows,
               'median_abs_error': statistics.median(errors), 'max_abs_error': max(errors)}

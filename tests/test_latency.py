@@ -144,7 +144,9 @@ def test_build_a_table_of_a_tiny_vit():
     assert shape.dims['tokens'] == 65 and shape.dims['hidden'] == 256 and shape.mlp_widths == [1, 64, 128, 192, 256]
     assert len(shape.msa_heads) == 4 and shape.ops['msa'] == shape.msa_heads[-1]
     assert all(v > 0 for v in [*shape.ops.values(), *shape.msa_heads, *shape.mlp_ms])
-    # the fixed part makes the original's prediction its measurement
+    # the fixed part is the model without blocks, the block timings scaled so that the original's
+    # prediction is its measurement
+    assert table.fixed_ms == table.timing['fixed_alone_ms'] and table.timing['block_scale'] > 0
     assert table.original_ms() == pytest.approx(table.timing['original_ms'])
     assert LatencyTable.from_dict(json.loads(json.dumps(table.to_dict()))) == table
 
