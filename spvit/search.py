@@ -223,12 +223,12 @@ class SearchTrainer(Trainer):
 
     def build_model(self):
         cfg = self.cfg
-        budget_key(cfg)
         kwargs = dict(cfg.model_kwargs)
         if cfg.img_size and kwargs.get('img_size') != cfg.img_size:
             kwargs['img_size'] = cfg.img_size
         model = create_model(cfg.model, kwargs, pretrained=cfg.pretrained and not self.resuming,
                              checkpoint=None if self.resuming else cfg.checkpoint, num_classes=self.num_classes)
+        budget_key(cfg)         # one budget, checked before a latency table is timed
         data_config = D.data_config(model, cfg.img_size, cfg.crop_pct, cfg.interpolation, cfg.mean, cfg.std)
         # the teacher of --distill: the model the search starts from, frozen (on resume: loaded again)
         self.teacher = None

@@ -78,7 +78,8 @@ def test_bad_values_of_the_other_tools(image_folder, tmp_path, pretrained):
         (('benchmark.py', '--model', 'vit_tiny_patch16_224', '--threads', '-1'), 'argument --threads: must be at least 1'),
         (('benchmark.py', '--model', 'vit_tiny_patch16_224', '--device', 'bogus'), "unknown device 'bogus'"),
         (('flops.py', '--model', 'vit_tiny_patch16_224', '--img-size', '0'), 'argument --img-size: must be at least 1, got 0'),
-        (('demo.py', '--search-epochs', '0'), 'argument --search-epochs: must be at least 1, got 0'),
+        (('demo.py', '--epochs', '0'), 'argument --epochs: must be at least 2, got 0'),
+        (('demo.py', '--ratio', '1'), 'argument --ratio: must lie in (0, 1), got 1'),
     ]
     procs = [start(*a) for a, _ in cases]
     for proc, (a, message) in zip(procs, cases):
