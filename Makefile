@@ -27,7 +27,7 @@ demo: $(VENV)/.installed-plot
 		 (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1)) || true
 	$(PY) tools/demo.py
 
-# Rebuild the demo's shipped original (assets/fashion-mnist-vit.pth) from scratch: about 40 minutes on 2 cores.
+# Rebuild the demo's shipped original (assets/fashion-mnist-vit.pth) from scratch: about 25 minutes on 2 cores.
 original: $(VENV)/.installed-plot
 	$(PY) tools/demo.py --train-original
 
