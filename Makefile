@@ -10,7 +10,7 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 $(VENV)/.installed-test: setup.cfg pyproject.toml | $(PY)
-	$(PY) -m pip install $(PIP_FLAGS) -e '.[test,onnx]'
+	$(PY) -m pip install $(PIP_FLAGS) -e '.[test,onnx,plot]'
 	touch $@
 
 $(VENV)/.installed-plot: setup.cfg pyproject.toml | $(PY)
