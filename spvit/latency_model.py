@@ -324,12 +324,6 @@ def gated_block_latency(shape: ShapeLatency, attn_gates: torch.Tensor, mlp_gates
     return attn + shape.mlp_at(mlp_gates.sum() + torch.prod(1 - mlp_gates))
 
 
-def predicted_latency(supernet: Any, table: LatencyTable) -> torch.Tensor:
-    """Predicted ms of a supernet under its deterministic gates, differentiable in the gate logits
-    (``SuperNet.latency``)."""
-    return supernet.latency(table)
-
-
 # --- building a table ---
 
 class AttentionHalf(nn.Module):
@@ -502,4 +496,4 @@ def _copy_except(blk: nn.Module, name: str) -> nn.Module:
 
 __all__ = ['LATENCY_FORMAT', 'LATENCY_VERSION', 'TABLE_FAMILIES', 'LatencyTableError', 'ShapeLatency', 'LatencyTable',
            'AttentionHalf', 'MlpHalf', 'build_latency_table', 'device_name', 'gated_block_latency', 'interpolate',
-           'mlp_grid', 'non_decreasing', 'predicted_latency', 'table_model', 'whole_model_scale']
+           'mlp_grid', 'non_decreasing', 'table_model', 'whole_model_scale']
