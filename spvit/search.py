@@ -140,14 +140,19 @@ def resolve_target(cfg: SearchConfig, supernet: SuperNet, cost: Optional[Cost] =
     return target
 
 
+def below_msa_floor(supernet: SuperNet, target: float, cost: Optional[Cost] = None) -> bool:
+    """Whether the budget (in GFLOPs, or in the unit of ``cost``) is below msa with every head in
+    every block and one unit per MLP: there some ops must change."""
+    return target < (cost or FlopsCost(supernet)).of(supernet.uniform_arch('msa', 1))
+
+
 def resolve_gate_noise(mode: str, supernet: SuperNet, target: float, cost: Optional[Cost] = None) -> str:
     """``auto`` -> ``none`` where the budget (in GFLOPs, or in the unit of ``cost``) can be met with
     every block msa (all heads, one unit per MLP), so no op has to change; ``anneal`` below that,
     where blocks must switch to conv ops and the sampling trains a conv op before its block switches to it."""
     if mode != 'auto':
         return mode
-    all_msa = (cost or FlopsCost(supernet)).of(supernet.uniform_arch('msa', 1))
-    return 'none' if target >= all_msa else 'anneal'
+    return 'anneal' if below_msa_floor(supernet, target, cost) else 'none'
 
 
 def resolve_ops_after_ramp(mode: str, supernet: SuperNet, target: float, cost: Optional[Cost] = None) -> str:
@@ -157,8 +162,8 @@ def resolve_ops_after_ramp(mode: str, supernet: SuperNet, target: float, cost: O
     17-token ViT at 0.3 such a search ended 21% over its budget); ``free`` elsewhere."""
     if mode != 'auto':
         return mode
-    all_msa = (cost or FlopsCost(supernet)).of(supernet.uniform_arch('msa', 1))
-    return 'down' if supernet.space.ops and not supernet.space.heads and target < all_msa else 'free'
+    papers_space = supernet.space.ops and not supernet.space.heads
+    return 'down' if papers_space and below_msa_floor(supernet, target, cost) else 'free'
 
 
 def importance_spread(theta0: float) -> float:
