@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Tuple
 
 import torch
+import torch.nn.functional as F
 
 OFFSETS = tuple((dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1))
 CENTER = OFFSETS.index((0, 0))
@@ -44,66 +45,22 @@ def conv3x3_weight(kernels: torch.Tensor) -> torch.Tensor:
     return kernels.permute(1, 2, 0).reshape(hd, d, 3, 3)
 
 
-class _MixHeads(torch.autograd.Function):
-    """V_k = sum_h P[h,k] v_h for every patch: (B, heads, P, C) x (heads, 9) -> (B, P, 9, C).
+def mixed_convs(v: torch.Tensor, mix: torch.Tensor, grid: Tuple[int, int]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The conv3x3 and conv1x1 ops on the value heads v (B, heads, P, C), channels first (B, C, P)
+    each, as their BatchNorms read them best: conv3x3[b, :, p] = sum_k sum_h P[h, k] v_h[b, p +
+    offset_k], zero padded at the grid's border, and conv1x1 the centre offset's sum_h P[h, centre] v_h.
 
-    Same as ``torch.einsum('bhpc,hk->bpkc')``, but keeps v as given for the backward pass:
-    einsum saves its own rearranged copy of v, one more activation per block.
+    conv3x3 is one grouped conv2d, a group per channel whose 3x3 kernel over the heads is P itself
+    (offset k is kernel position k in row-major order): no (B, P, 9, C) tensor of per-offset head
+    mixtures is ever built, and forward and backward are one convolution each, eager or compiled
+    (the mixtures and their shifted sum were the largest part of the search step's extra time).
     """
-
-    @staticmethod
-    def forward(ctx, v: torch.Tensor, mix: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(v, mix)
-        return torch.einsum('bhpc,hk->bpkc', v, mix)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        v, mix = ctx.saved_tensors
-        grad_v = torch.einsum('bpkc,hk->bhpc', grad, mix) if ctx.needs_input_grad[0] else None
-        grad_mix = torch.einsum('bhpc,bpkc->hk', v, grad) if ctx.needs_input_grad[1] else None
-        return grad_v, grad_mix
-
-
-def mix_heads(v: torch.Tensor, mix: torch.Tensor) -> torch.Tensor:
-    """Per-offset head mixtures of the value projection: (B, heads, P, C) -> (B, P, 9, C)."""
-    return _MixHeads.apply(v, mix)
-
-
-def _valid(delta: int, size: int) -> Tuple[slice, slice]:
-    """Output positions p (and source positions p + delta) that stay inside [0, size)."""
-    lo, hi = max(0, -delta), size - max(0, delta)
-    return slice(lo, hi), slice(lo + delta, hi + delta)
-
-
-class _ShiftedSum(torch.autograd.Function):
-    """out[b, y, x] = sum_k v[b, y + dy_k, x + dx_k, k] over in-range positions (zero padding).
-
-    Written as one function because slicing a padded tensor nine times makes autograd allocate
-    and zero a full-size gradient per slice, which dominated the search step.
-    """
-
-    @staticmethod
-    def forward(ctx, v: torch.Tensor) -> torch.Tensor:            # v: (B, H, W, 9, C)
-        H, W = v.shape[1:3]
-        out = v[:, :, :, CENTER].clone()
-        for k, (dy, dx) in enumerate(OFFSETS):
-            if k == CENTER:
-                continue
-            (oy, sy), (ox, sx) = _valid(dy, H), _valid(dx, W)
-            out[:, oy, ox] += v[:, sy, sx, k]
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:        # grad: (B, H, W, C)
-        H, W = grad.shape[1:3]
-        padded = torch.nn.functional.pad(grad, (0, 0, 1, 1, 1, 1))
-        return torch.stack([padded[:, 1 - dy:1 - dy + H, 1 - dx:1 - dx + W] for dy, dx in OFFSETS], dim=3)
-
-
-def shifted_sum(v: torch.Tensor) -> torch.Tensor:
-    """Sum of the 9 offset planes of v (B, H, W, 9, C), each read at its offset with zero padding:
-    the 3x3 convolution once every offset's kernel has been applied."""
-    return _ShiftedSum.apply(v)
+    B, heads, P, C = v.shape
+    x = v.permute(0, 3, 1, 2).reshape(B, C * heads, *grid)              # channel c * heads + h
+    kernel = mix.reshape(1, heads, 3, 3).expand(C, heads, 3, 3)
+    conv3x3 = F.conv2d(x, kernel, padding=1, groups=C).flatten(2)
+    conv1x1 = (x.reshape(B, C, heads, P) * mix[:, CENTER, None]).sum(2)
+    return conv3x3, conv1x1
 
 
 def border_mask(grid: Tuple[int, int]) -> torch.Tensor:
@@ -111,15 +68,14 @@ def border_mask(grid: Tuple[int, int]) -> torch.Tensor:
     H, W = grid
     outside = torch.ones(H, W, len(OFFSETS))
     for k, (dy, dx) in enumerate(OFFSETS):
-        (oy, _), (ox, _) = _valid(dy, H), _valid(dx, W)
-        outside[oy, ox, k] = 0
+        outside[max(0, -dy):H - max(0, dy), max(0, -dx):W - max(0, dx), k] = 0
     return outside
 
 
 def border_bias(bias: torch.Tensor, outside: torch.Tensor) -> torch.Tensor:
     """(H, W, C): the sum of the offset biases (9, C) that fall outside the grid at each position.
 
-    A conv pads x with zeros but still adds every offset's bias, so a shifted sum of values that
-    already carry their bias misses exactly this term at the border. ``outside`` is ``border_mask``.
+    A conv pads x with zeros but still adds every offset's bias, so a conv of values that already
+    carry their bias (``mixed_convs``) misses exactly this term at the border. ``outside`` is ``border_mask``.
     """
     return outside.to(bias.dtype) @ bias

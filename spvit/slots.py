@@ -17,8 +17,8 @@ from .arch import ATTN_OPS
 from .errors import UnsupportedModelError
 from .gates import attention_coefficients, attention_gates, hold_conv3x3_open, sample_gates
 from .layers import cosine_window_attention, rotate_patch_tokens, swinv2_position_bias
-from .mixing import (CENTER, OFFSETS, border_bias, border_mask, conv3x3_weight, head_mixing, mix_heads, mix_output,
-                     mix_value, shifted_sum)
+from .mixing import (CENTER, OFFSETS, border_bias, border_mask, conv3x3_weight, head_mixing, mix_output, mix_value,
+                     mixed_convs)
 
 
 def inner_norm_of(module: nn.Module) -> Optional[nn.LayerNorm]:
@@ -248,18 +248,15 @@ class AttentionSlot(nn.Module):
         computed.
 
         v: (B, heads, P, hd), value of the patch tokens, bias included. Mixing the heads per offset
-        gives V_k = K_k x + b_k; the 3x3 conv is the zero-padded shifted sum of the V_k plus the
+        gives V_k = K_k x + b_k; the 3x3 conv is their zero-padded sum over the offsets plus the
         biases of the offsets that fall off the grid.
         """
-        B, _, P, hd = v.shape
-        H, W = self.grid_size
-        vm = mix_heads(v, mix.to(v.dtype))                                          # (B, P, 9, hd)
-        z3 = shifted_sum(vm.reshape(B, H, W, len(OFFSETS), hd))
+        hd, mix = v.shape[-1], mix.to(v.dtype)
+        z3, z1 = mixed_convs(v, mix, self.grid_size)                    # (B, hd, P): BatchNorm's layout
         _, b_v = self.value_projection()
         if b_v is not None:
-            z3 = z3 + border_bias(mix.t() @ b_v.reshape(self.num_heads, hd), self.border)
-        z3 = self._norm_act(z3.reshape(B, P, hd), self.bn3)
-        z1 = self._norm_act(vm[:, :, CENTER].contiguous(), self.bn1)
+            z3 = z3 + border_bias(mix.t() @ b_v.reshape(self.num_heads, hd), self.border).flatten(0, 1).t()
+        z3, z1 = (F.relu(bn(z)).transpose(1, 2) for z, bn in ((z3, self.bn3), (z1, self.bn1)))
         return self._conv_norm(z3), self._conv_norm(z1)
 
     def _conv_norm(self, z: torch.Tensor) -> torch.Tensor:

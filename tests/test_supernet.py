@@ -159,22 +159,25 @@ def test_all_gates_closed_keeps_one_unit(small_supernet):
     assert [k.numel() for k in supernet.kept_units()] == [1] * 4
 
 
-def test_custom_autograd_functions_gradcheck():
-    from spvit.mixing import mix_heads, shifted_sum
+def test_mixed_convs_are_the_per_offset_head_mixtures():
+    """conv3x3 is sum_k sum_h P[h,k] v_h read at offset k with zero padding, conv1x1 the centre
+    offset's mixture (channels first); both differentiable in v and in P."""
+    from spvit.mixing import CENTER, mixed_convs
     torch.manual_seed(0)
-    v = torch.randn(2, 3, 4 * 5, 2, dtype=torch.double, requires_grad=True)
-    mix = torch.rand(3, 9, dtype=torch.double, requires_grad=True)
-    assert torch.autograd.gradcheck(mix_heads, (v, mix))
-    planes = torch.randn(2, 4, 5, 9, 2, dtype=torch.double, requires_grad=True)
-    assert torch.autograd.gradcheck(shifted_sum, (planes,))
-    # shifted_sum is a zero-padded 3x3 conv with one-hot kernels per offset
-    kernel = torch.zeros(2, 9 * 2, 3, 3, dtype=torch.double)
+    B, heads, (H, W), C = 2, 3, (4, 5), 2
+    v = torch.randn(B, heads, H * W, C, dtype=torch.double, requires_grad=True)
+    mix = torch.rand(heads, 9, dtype=torch.double, requires_grad=True)
+    grid = v.detach().reshape(B, heads, H, W, C)
+    expected = torch.zeros(B, H, W, C, dtype=torch.double)
     for k, (dy, dx) in enumerate(OFFSETS):
-        for c in range(2):
-            kernel[c, k * 2 + c, dy + 1, dx + 1] = 1
-    img = planes.detach().permute(0, 3, 4, 1, 2).reshape(2, 18, 4, 5)
-    expected = F.conv2d(img, kernel, padding=1).permute(0, 2, 3, 1)
-    assert torch.allclose(shifted_sum(planes.detach()), expected)
+        for y in range(H):
+            for x in range(W):
+                if 0 <= y + dy < H and 0 <= x + dx < W:
+                    expected[:, y, x] += (mix[:, k, None].detach() * grid[:, :, y + dy, x + dx]).sum(1)
+    conv3x3, conv1x1 = mixed_convs(v.detach(), mix.detach(), (H, W))
+    assert torch.allclose(conv3x3, expected.reshape(B, H * W, C).transpose(1, 2))
+    assert torch.allclose(conv1x1, (mix[:, CENTER, None, None].detach() * v.detach()).sum(1).transpose(1, 2))
+    assert torch.autograd.gradcheck(lambda v, m: torch.cat(mixed_convs(v, m, (H, W))), (v, mix))
 
 
 def test_supernet_record_round_trip(tmp_path, small_supernet):
