@@ -10,7 +10,7 @@ import copy
 import os
 import sys
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from timm.optim import create_optimizer_v2
@@ -44,6 +44,8 @@ PAPER_ARCH_LR = 5e-4
 # highest-ranked unit (theta0 + spread = 2.5) close with room to spare, without steps so large
 # that hundreds of units cross zero in one of them.
 PER_FLOP_REACH = 5.0
+# Final fraction of the steps in which the attention ops are frozen (the paper's space).
+SETTLE_FRACTION = 0.1
 GATE_MOMENTUM = 0.9
 
 
@@ -69,9 +71,10 @@ class SearchConfig(ModelOptions, DataOptions, TrainOptions, DistillOptions):
                             'GFLOPs (the paper)', choices=('relative', 'absolute'))
     arch_lr: Optional[float] = field(None, f'gate learning rate (default: max({PAPER_ARCH_LR}, R / planned steps), R = '
                                      f'{PER_FLOP_REACH:g} for per-flop, {ARCH_LR_REACH:g} for adamw)', bounds=POSITIVE)
-    settle_fraction: float = field(0.1, 'final fraction of the planned steps in which the attention ops and heads are '
-                                   'frozen and only the MLP units move, to meet the budget in fine steps (0: never)',
-                                   bounds=FRACTION_BELOW_ONE)
+    settle_fraction: Optional[float] = field(None, 'final fraction of the planned steps in which the attention ops and '
+                                             'heads are frozen and only the MLP units move, to meet the budget in fine '
+                                             f'steps (0: never; default: {SETTLE_FRACTION:g}, and in a space with heads '
+                                             'everything after the target ramp)', bounds=FRACTION_BELOW_ONE)
     budget_ramp: Optional[float] = field(None, 'fraction of the planned steps over which the FLOPs target falls '
                                          "linearly from the original model's FLOPs to the budget, so that a few gates "
                                          f'close at a time (default: the target falls by {RAMP_SPEED:g} of the '
@@ -172,13 +175,20 @@ def importance_spread(theta0: float) -> float:
     return max(0.0, theta0 - 0.1)
 
 
-def check_schedule(cfg: SearchConfig, goal_ratio: float) -> float:
-    """Validate the schedule options; returns the target ramp (its default follows the budget)."""
+def check_schedule(cfg: SearchConfig, goal_ratio: float, heads: bool = False) -> Tuple[float, float]:
+    """Validate the schedule options; returns the target ramp (its default follows the budget) and
+    the settle fraction. Its default in a space with heads is all the steps after the ramp: a head
+    costs a few percent of the FLOPs and the controller that holds the target moves them like MLP
+    units, so a block's last heads could otherwise close (and reopen) after the target is reached,
+    a cliff the weights get too few steps to recover from."""
     ramp = default_ramp(goal_ratio) if cfg.budget_ramp is None else cfg.budget_ramp
-    if ramp + cfg.settle_fraction > 1:
-        raise ConfigError(f'--budget-ramp {ramp:g} and --settle-fraction {cfg.settle_fraction} add up to more '
+    settle = cfg.settle_fraction
+    if settle is None:
+        settle = 1.0 - ramp if heads and ramp > 0 else min(SETTLE_FRACTION, 1.0 - ramp)
+    if ramp + settle > 1:
+        raise ConfigError(f'--budget-ramp {ramp:g} and --settle-fraction {settle:g} add up to more '
                           'than the whole search: the attention ops would freeze before the target is reached')
-    return ramp
+    return ramp, settle
 
 
 def weight_param_groups(supernet: SuperNet, weight_decay: float) -> List[Dict[str, Any]]:
@@ -273,14 +283,14 @@ class SearchTrainer(Trainer):
     def build_optimizers(self):
         cfg = self.cfg
         original = self.cost.original
-        ramp = check_schedule(cfg, self.target / original)
+        ramp, settle = check_schedule(cfg, self.target / original, self.supernet.space.heads)
         self.schedule = BudgetSchedule(original, self.target, self.total_steps, ramp=ramp)
         self.drive = self.gate_step = None
         if cfg.gate_update == 'per-flop':
             self.drive = BudgetDrive(self.target, max(1.0, cfg.budget_integral * self.total_steps)
                                      if cfg.budget_integral > 0 else 0.0)
             self.gate_step = PerFlopGateStep(self.cost.gate_costs())
-        self.settle_from = int(round((1 - cfg.settle_fraction) * self.total_steps))
+        self.settle_from = int(round((1 - settle) * self.total_steps))
         self.noise_mode = resolve_gate_noise(cfg.gate_noise, self.supernet, self.target, self.cost)
         self.ops_mode = resolve_ops_after_ramp(cfg.ops_after_ramp, self.supernet, self.target, self.cost)
         self.landed = 0
@@ -325,6 +335,10 @@ class SearchTrainer(Trainer):
 
     def banner(self) -> str:
         ramp = f', target ramp over {self.schedule.ramp_steps:.0f} steps' if self.schedule.ramp_steps else ''
+        frozen = 'ops and heads' if self.supernet.space.heads and self.supernet.space.ops else \
+            'heads' if self.supernet.space.heads else 'ops'
+        if self.settle_from < self.total_steps:
+            ramp += f', {frozen} frozen from step {self.settle_from}'
         device = '' if self.latency_table is None else f' on {self.latency_table.describe()}'
         return (f', arch lr {self.arch_lr:.3g}; original {self.cost.fmt(self.cost.original)}{device}, '
                 f'target {self.cost.fmt(self.target)}{ramp}; gates start {self.cfg.gate_init}, update {self.cfg.gate_update}, '

@@ -173,6 +173,9 @@ def test_search_with_head_gates_lands_and_exports(image_folder, pretrained, tmp_
     steps = [r for r in map(json.loads, open(out / 'log.jsonl')) if r['kind'] == 'step']
     assert steps[-1]['heads_open'] == [0 if b.attn != 'msa' else len(b.heads or range(4)) for b in arch.blocks]
     assert all(len(r['heads_open']) == 4 for r in steps)          # the path, with heads
+    # ops and heads are frozen once the target ramp ends (the default settle phase with heads)
+    ramp_end = min(i for i, r in enumerate(steps) if r['target'] == pytest.approx(final['target_gflops']))
+    assert len({(tuple(r['ops']), tuple(r['heads_open'])) for r in steps[ramp_end + 1:]}) == 1
     pm = export_search(str(out / 'search-final.pth'))
     assert pm.arch == arch
     measured, _ = measure_flops(pm.model, (3, 32, 32))
@@ -215,3 +218,17 @@ def test_full_space_leaves_out_conv3x3_where_one_head_costs_less():
     supernet.set_gate_noise(0.)
     supernet(x).sum().backward()
     assert all(a.gate_logits.grad[1] == 0 for a in supernet.attn_slots)
+
+
+@pytest.mark.parametrize('space,ramp,given,expected', [
+    ('spvit', None, None, (0.6875, 0.1)),       # the paper's space: ops freeze for the last tenth
+    ('full', None, None, (0.6875, 0.3125)),     # with heads: everything after the target ramp
+    ('heads', 0.5, None, (0.5, 0.5)),
+    ('full', 0.0, None, (0.0, 0.1)),            # no ramp (the paper's schedule): not frozen from step 0
+    ('full', None, 0.2, (0.6875, 0.2)),         # given: as given
+    ('spvit', 0.95, None, (0.95, 0.05)),        # a long ramp leaves the settle phase what remains
+])
+def test_settle_phase_defaults(space, ramp, given, expected):
+    from spvit.search import SearchConfig, check_schedule
+    cfg = SearchConfig(search_space=space, budget_ramp=ramp, settle_fraction=given)
+    assert check_schedule(cfg, 0.45, heads=space != 'spvit') == pytest.approx(expected)
