@@ -6,9 +6,9 @@ FLOPs and equal training, on Fashion-MNIST, through the real tools.
 
 Data: Fashion-MNIST through the demo's folder writer, the whole 10k test split as val/. The
 starting model is a ViT (vit_tiny_patch16_224 at img 32, patch 4, depth 6: embed 192, 3 heads, 65
-tokens) trained here with tools/finetune.py on the whole 60k training split in two stages (see
-PRETRAIN_STAGES), each cached under --work; its last epoch is used, so no checkpoint is ever
-selected on the test split. Search and fine-tunes see the first 2000 training images of each class
+tokens) trained with tools/finetune.py on the whole 60k training split in two stages (see
+PRETRAIN_STAGES) and shipped in assets/ (--train-start trains it again, each stage cached under
+--work); its last epoch is used, so no checkpoint is ever selected on the test split. Search and fine-tunes see the first 2000 training images of each class
 (--samples-per-class). Then per target ratio:
 
 - spvit: tools/search.py 1 epoch -> tools/export.py -> tools/finetune.py 1 epoch, both with soft
@@ -40,7 +40,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from spvit.demo import DATA, LIGHT_AUG, ORIGINAL_PER_CLASS, ORIGINAL_RECIPE, last_epoch, sh, tool  # noqa: E402
+from spvit.demo import (DATA, LIGHT_AUG, ORIGINAL_PER_CLASS, ORIGINAL_RECIPE, REPO, last_epoch, sh,  # noqa: E402
+                        ship_trained, tool)
 from spvit.fashion_mnist import write_image_folder  # noqa: E402
 
 MODEL = ['--model', 'vit_tiny_patch16_224', '--model-kwargs', 'img_size=32', 'patch_size=4', 'depth=6']
@@ -51,6 +52,9 @@ PRETRAIN_PER_CLASS = ORIGINAL_PER_CLASS
 # still rising), then 5 more from there at half the peak lr on whole images (no random crop), which
 # takes the model past 88% for less than the 2x longer single run it would otherwise need.
 PRETRAIN_STAGES = tuple(zip(('pretrain', 'pretrain2'), ORIGINAL_RECIPE))     # the demo's original's recipe
+# That starting model, shipped (10.7 MB) because it takes about 95 minutes of a 2-core CPU:
+# `--train-start` trains it again with the commands its provenance records and rewrites it.
+SHIPPED_START = os.path.join(REPO, 'assets', 'search-quality-vit.pth')
 
 
 def finished(run_dir: str, epochs: int) -> bool:
@@ -162,7 +166,7 @@ def run_uniform(method: str, ratio: float, out: str, start: str, common: List[st
 
 def run_ratio(ratio: float, work: str, start: str, common: List[str], lr: str, methods: List[str]) -> Dict[str, Any]:
     out = os.path.join(work, f'ratio{ratio:g}')
-    stamp, key = os.path.join(out, 'start.txt'), f'{os.path.abspath(start)} {os.path.getmtime(start)}'
+    stamp, key = os.path.join(out, 'start.txt'), file_digest(start)
     if not (os.path.exists(stamp) and open(stamp).read() == key):
         import shutil
         shutil.rmtree(out, ignore_errors=True)  # runs from another starting model
@@ -212,22 +216,30 @@ def table(start: Dict[str, Any], results: List[Dict[str, Any]], methods: List[st
 
 
 def pretrain(work: str, common: List[str]) -> str:
-    """Train (or reuse) the starting model stage by stage; a stage is reused only when it and every
-    stage before it ran the same command to the end."""
+    """Train (or reuse) the starting model stage by stage and write it to ``SHIPPED_START``; a stage
+    is reused only when it and every stage before it ran the same command to the end."""
     import shutil
-    key, checkpoint = shlex.join([*MODEL, *DATA, *LIGHT_AUG, '--train-per-class', str(PRETRAIN_PER_CLASS)]), []
+    key, checkpoint, commands = shlex.join([*MODEL, *DATA, *LIGHT_AUG, '--train-per-class', str(PRETRAIN_PER_CLASS)]), [], []
     for name, args in PRETRAIN_STAGES:
         out = os.path.join(work, name)
         key += '\n' + shlex.join(args)
         stamp = os.path.join(out, 'command.txt')
         epochs = int(args[args.index('--epochs') + 1])
+        cmd = [*tool('finetune.py'), *MODEL, *common, *checkpoint, '--output-dir', out, *args]
         if not (os.path.exists(stamp) and open(stamp).read() == key and finished(out, epochs)):
             shutil.rmtree(out, ignore_errors=True)
-            sh([*tool('finetune.py'), *MODEL, *common, *checkpoint, '--output-dir', out, *args])
+            sh(cmd)
             with open(stamp, 'w') as f:
                 f.write(key)
+        commands.append(shlex.join(['python', os.path.relpath(cmd[1], REPO), *cmd[2:]]))
         checkpoint = ['--checkpoint', os.path.join(out, 'last.pth')]
-    return checkpoint[1]
+    return ship_trained(out, commands, SHIPPED_START, 'benchmarks/search_quality.py --train-start')
+
+
+def file_digest(path: str) -> str:
+    import hashlib
+    with open(path, 'rb') as f:
+        return hashlib.sha256(f.read()).hexdigest()
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -241,8 +253,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument('--batch-size', type=int, default=64, help='of search and fine-tunes: 312 steps an epoch, so the '
                    'target ramp falls by less than 5%% of the FLOPs per 10 steps even at ratio 0.3')
     p.add_argument('--lr', default='2e-3', help='weight learning rate of search and fine-tunes (per 512 images)')
-    p.add_argument('--start', help='a starting model of this shape (finetune.py last.pth) instead of the one the '
-                   'script trains and caches')
+    p.add_argument('--start', help='a starting model of this shape (a finetune.py last.pth or a pruned checkpoint) '
+                   f'instead of the shipped one, {os.path.relpath(SHIPPED_START, REPO)}')
+    p.add_argument('--train-start', action='store_true', help='train the starting model again (about 95 minutes on 2 '
+                   'cores, each stage cached under --work) and rewrite the shipped one with it')
     p.add_argument('--methods', nargs='+', default=list(METHODS), choices=METHODS,
                    help='spvit: search in the paper\'s space; full: with heads as well (--search-space full); '
                    'uniform: every block msa, MLPs cut alike; uniform-heads: heads and MLPs cut alike')
@@ -252,12 +266,18 @@ def main(argv: Optional[List[str]] = None) -> int:
         p.error('--ratios must lie in (0, 1)')
     if min(args.train_per_class, args.val_per_class, args.batch_size) < 1:
         p.error('--train-per-class, --val-per-class and --batch-size must be at least 1')
+    if args.start and args.train_start:
+        p.error('give --start or --train-start, not both')
+    if args.start and not os.path.isfile(args.start):
+        p.error(f'--start: {args.start} not found')
+    if not (args.start or args.train_start or os.path.isfile(SHIPPED_START)):
+        p.error(f'{os.path.relpath(SHIPPED_START, REPO)} is missing: give --start, or --train-start to train it')
     data = os.path.join(args.work, 'data')
     write_image_folder(data, os.path.join(args.work, 'cache'), max(PRETRAIN_PER_CLASS, args.train_per_class),
                        args.val_per_class)
     common = ['--data-dir', data, *DATA, *LIGHT_AUG]
 
-    start = args.start or pretrain(args.work, common)
+    start = pretrain(args.work, common) if args.train_start else args.start or SHIPPED_START
     from spvit.flops import measure_flops
     from spvit.pruned import read_pruned
     top1 = json.loads(sh([*tool('eval.py'), '--pruned', start, '--data-dir', data, *DATA, '--json'], capture=True))['top1']

@@ -163,15 +163,20 @@ def train_original(data_root: str = 'data', runs: str = 'runs/original', output:
         sh(cmd)
         commands.append(shlex.join(['python', os.path.relpath(cmd[1], REPO), *cmd[2:]]))
         checkpoint = ['--checkpoint', os.path.join(out, FINETUNE_LAST)]
-    pm = read_pruned(checkpoint[1])
-    pm.provenance = {'source': {'pretrained': False, 'checkpoint': None}, 'built_by': 'make original',
-                     'commands': commands,
-                     'test_top1': last_epoch(out)['val_top1'], 'epochs': sum(int(a[a.index('--epochs') + 1])
-                                                                          for _, a in ORIGINAL_STAGES)}
+    return ship_trained(out, commands, output, 'make original')
+
+
+def ship_trained(run_dir: str, commands: List[str], output: str, built_by: str) -> str:
+    """Write the last epoch of the fine-tune run in ``run_dir`` (the last of ``commands``) to
+    ``output`` as a shipped starting model: model and data config only, the commands that trained
+    it, their epochs and its test top-1 in the provenance."""
+    pm = read_pruned(os.path.join(run_dir, FINETUNE_LAST))
+    epochs = sum(int(a[a.index('--epochs') + 1]) for a in map(shlex.split, commands))
+    pm.provenance = {'source': {'pretrained': False, 'checkpoint': None}, 'built_by': built_by,
+                     'commands': commands, 'test_top1': last_epoch(run_dir)['val_top1'], 'epochs': epochs}
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     pm.save(output)
-    print(f'wrote {output}: test top-1 {pm.provenance["test_top1"]:.2f}% after {pm.provenance["epochs"]} epochs',
-          flush=True)
+    print(f'wrote {output}: test top-1 {pm.provenance["test_top1"]:.2f}% after {epochs} epochs', flush=True)
     return output
 
 
