@@ -185,3 +185,28 @@ def test_a_demo_stopped_by_sigterm_to_its_group_goes_on_where_it_stopped(tmp_pat
     result = json.load(open(runs / 'demo-result.json'))
     assert abs(result['eval']['spvit']['gflops'] / result['eval']['original']['gflops'] - 0.3) < 0.02
     assert json.load(open(runs / 'demo-state.json'))['complete'] is True
+
+
+@pytest.mark.slow
+def test_ship_trained_writes_the_last_epoch_with_its_provenance(image_folder, pretrained, tmp_path):
+    """``make original`` and ``search_quality.py --train-start`` ship a fine-tune run's last epoch:
+    the model, and in the provenance the commands, their epochs and the test top-1."""
+    import shlex
+    from spvit.demo import ship_trained
+    from spvit.finetune import main as finetune_main
+    from spvit.pruned import read_pruned
+    from tests.helpers import SEARCH_DATA, SEARCH_MODEL
+    run = tmp_path / 'stage'
+    argv = [*SEARCH_MODEL, *SEARCH_DATA, '--checkpoint', pretrained, '--data-dir', image_folder, '--output-dir',
+            str(run), '--batch-size', '32', '--epochs', '1', '--warmup-epochs', '0']
+    finetune_main(argv)
+    out = tmp_path / 'assets' / 'start.pth'
+    commands = [shlex.join(['python', 'tools/finetune.py', *argv])] * 2
+    assert ship_trained(str(run), commands, str(out), 'a test') == str(out)
+    shipped = read_pruned(str(out))
+    assert shipped.provenance['built_by'] == 'a test' and shipped.provenance['commands'] == commands
+    assert shipped.provenance['epochs'] == 2
+    last = [json.loads(line) for line in open(run / 'log.jsonl') if json.loads(line)['kind'] == 'epoch'][-1]
+    assert shipped.provenance['test_top1'] == last['val_top1']
+    trained = read_pruned(str(run / 'last.pth')).model.state_dict()
+    assert all(torch.equal(v, trained[k]) for k, v in shipped.model.state_dict().items())
