@@ -8,8 +8,9 @@ Data: Fashion-MNIST through the demo's folder writer, the whole 10k test split a
 starting model is a ViT (vit_tiny_patch16_224 at img 32, patch 4, depth 6: embed 192, 3 heads, 65
 tokens) trained with tools/finetune.py on the whole 60k training split in two stages (see
 PRETRAIN_STAGES) and shipped in assets/ (--train-start trains it again, each stage cached under
---work); its last epoch is used, so no checkpoint is ever selected on the test split. Search and fine-tunes see the first 2000 training images of each class
-(--samples-per-class). Then per target ratio:
+--work); its last epoch is used, so no checkpoint is ever selected on the test split. Search and
+fine-tunes see the first 2000 training images of each class (--samples-per-class). Then per target
+ratio:
 
 - spvit: tools/search.py 1 epoch -> tools/export.py -> tools/finetune.py 1 epoch, both with soft
   distillation from the original and the same weight lr. "1 epoch" is the searched model's top-1 at
