@@ -2,7 +2,6 @@
 formulas, gates, weight sharing and pinning."""
 import pytest
 import torch
-import torch.nn.functional as F
 
 from spvit.gates import attention_gates, sample_gates
 from spvit.mixing import OFFSETS
