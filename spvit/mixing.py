@@ -50,17 +50,50 @@ def mixed_convs(v: torch.Tensor, mix: torch.Tensor, grid: Tuple[int, int]) -> Tu
     each, as their BatchNorms read them best: conv3x3[b, :, p] = sum_k sum_h P[h, k] v_h[b, p +
     offset_k], zero padded at the grid's border, and conv1x1 the centre offset's sum_h P[h, centre] v_h.
 
-    conv3x3 is one grouped conv2d, a group per channel whose 3x3 kernel over the heads is P itself
-    (offset k is kernel position k in row-major order): no (B, P, 9, C) tensor of per-offset head
-    mixtures is ever built, and forward and backward are one convolution each, eager or compiled
-    (the mixtures and their shifted sum were the largest part of the search step's extra time).
+    No (B, P, 9, C) tensor of per-offset head mixtures is ever built (the mixtures and their
+    shifted sum were the largest part of the search step's extra time). Two exact formulations,
+    each the faster where it runs (``benchmarks/search_step.py``): eager, one depthwise conv
+    (``depthwise_mixed_convs``); under torch.compile, the shifted sum written out
+    (``shifted_mixed_convs``), which inductor fuses into one stencil kernel forward and backward.
     """
+    if _is_compiling():
+        return shifted_mixed_convs(v, mix, grid)
+    return depthwise_mixed_convs(v, mix, grid)
+
+
+def depthwise_mixed_convs(v: torch.Tensor, mix: torch.Tensor, grid: Tuple[int, int]
+                          ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``mixed_convs`` as one depthwise conv2d over the heads' channels (channel h * C + c, as the
+    value projection lays them out, so v needs no reordering), each channel's 3x3 kernel being P's
+    row for its head (offset k is kernel position k in row-major order), summed over the heads."""
     B, heads, P, C = v.shape
-    x = v.permute(0, 3, 1, 2).reshape(B, C * heads, *grid)              # channel c * heads + h
-    kernel = mix.reshape(1, heads, 3, 3).expand(C, heads, 3, 3)
-    conv3x3 = F.conv2d(x, kernel, padding=1, groups=C).flatten(2)
-    conv1x1 = (x.reshape(B, C, heads, P) * mix[:, CENTER, None]).sum(2)
+    x = v.transpose(2, 3).reshape(B, heads * C, *grid)
+    kernel = mix.reshape(heads, 1, 1, 3, 3).expand(heads, C, 1, 3, 3).reshape(heads * C, 1, 3, 3)
+    conv3x3 = F.conv2d(x, kernel, padding=1, groups=heads * C).reshape(B, heads, C, P).sum(1)
+    conv1x1 = (v * mix[:, CENTER, None, None]).sum(1).transpose(1, 2)
     return conv3x3, conv1x1
+
+
+def shifted_mixed_convs(v: torch.Tensor, mix: torch.Tensor, grid: Tuple[int, int]
+                        ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``mixed_convs`` as the sum over offsets of the zero-padded grid read at offset k times P's
+    column k: in eager mode 9 shifted copies, compiled a single pointwise kernel (and reductions
+    for P's gradient) that reads v in place."""
+    B, heads, P, C = v.shape
+    H, W = grid
+    x = F.pad(v.reshape(B, heads, H, W, C), (0, 0, 1, 1, 1, 1))
+    mixed = sum(x[:, :, 1 + dy:1 + dy + H, 1 + dx:1 + dx + W] * mix[:, k, None, None, None]
+                for k, (dy, dx) in enumerate(OFFSETS))
+    conv3x3 = mixed.sum(1).reshape(B, P, C).transpose(1, 2).contiguous()
+    conv1x1 = (v * mix[:, CENTER, None, None]).sum(1).transpose(1, 2).contiguous()
+    return conv3x3, conv1x1
+
+
+def _is_compiling() -> bool:
+    """True while dynamo traces (torch.compile, torch.export); ``torch.compiler.is_compiling``
+    is torch >= 2.3, ``torch._dynamo.is_compiling`` the older spelling."""
+    check = getattr(torch.compiler, 'is_compiling', None) if hasattr(torch, 'compiler') else None
+    return bool(check()) if check is not None else torch._dynamo.is_compiling()
 
 
 def border_mask(grid: Tuple[int, int]) -> torch.Tensor:

@@ -35,6 +35,29 @@ def test_search_forward_has_no_graph_break(name, kwargs, space):
     assert explained.graph_count == 1
 
 
+def test_compiled_search_step_matches_eager(monkeypatch):
+    """Traced, the conv ops take the shifted-sum formulation (eager, the depthwise conv): the loss
+    and every gradient agree. aot_eager runs dynamo's graph without inductor's compile time."""
+    supernet, _ = supernet_and_original('vit_tiny_patch16_224', search_space='full', **SMALL)
+    supernet.train()
+    supernet.set_gate_noise(0.)
+    x = torch.randn(2, *supernet.input_size)
+    results = []
+    torch._dynamo.reset()
+    for step in (search_step(supernet), torch.compile(search_step(supernet), backend='aot_eager')):
+        if results:     # the traced step must not fall back to the eager formulation
+            monkeypatch.setattr(spvit.mixing, 'depthwise_mixed_convs', None)
+        supernet.zero_grad()
+        loss = step(x)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in supernet.named_parameters() if p.grad is not None}))
+    (eager, eager_grads), (traced, traced_grads) = results
+    assert torch.allclose(eager, traced, rtol=1e-5, atol=1e-6)
+    assert eager_grads.keys() == traced_grads.keys() and any('head_assign' in n for n in eager_grads)
+    for n, g in eager_grads.items():
+        assert torch.allclose(g, traced_grads[n], rtol=1e-4, atol=1e-6), n
+
+
 def test_changing_gate_noise_does_not_recompile():
     """The noise is a tensor set in place (anneal changes it every step): one graph for all values."""
     supernet, _ = supernet_and_original('vit_tiny_patch16_224', search_space='full', **SMALL)

@@ -158,10 +158,13 @@ def test_all_gates_closed_keeps_one_unit(small_supernet):
     assert [k.numel() for k in supernet.kept_units()] == [1] * 4
 
 
-def test_mixed_convs_are_the_per_offset_head_mixtures():
+@pytest.mark.parametrize('formulation', ['mixed_convs', 'depthwise_mixed_convs', 'shifted_mixed_convs'])
+def test_mixed_convs_are_the_per_offset_head_mixtures(formulation):
     """conv3x3 is sum_k sum_h P[h,k] v_h read at offset k with zero padding, conv1x1 the centre
-    offset's mixture (channels first); both differentiable in v and in P."""
-    from spvit.mixing import CENTER, mixed_convs
+    offset's mixture (channels first); both differentiable in v and in P. The eager (depthwise) and
+    the compiled (shifted sum) formulations alike."""
+    from spvit import mixing
+    CENTER, mixed_convs = mixing.CENTER, getattr(mixing, formulation)
     torch.manual_seed(0)
     B, heads, (H, W), C = 2, 3, (4, 5), 2
     v = torch.randn(B, heads, H * W, C, dtype=torch.double, requires_grad=True)
