@@ -51,10 +51,11 @@ def mixed_convs(v: torch.Tensor, mix: torch.Tensor, grid: Tuple[int, int]) -> Tu
     offset_k], zero padded at the grid's border, and conv1x1 the centre offset's sum_h P[h, centre] v_h.
 
     No (B, P, 9, C) tensor of per-offset head mixtures is ever built (the mixtures and their
-    shifted sum were the largest part of the search step's extra time). Two exact formulations,
-    each the faster where it runs (``benchmarks/search_step.py``): eager, one depthwise conv
-    (``depthwise_mixed_convs``); under torch.compile, the shifted sum written out
-    (``shifted_mixed_convs``), which inductor fuses into one stencil kernel forward and backward.
+    shifted sum were the largest part of the search step's extra time). Two exact formulations
+    (``benchmarks/mixing_ops.py`` times them): eager, one depthwise conv (``depthwise_mixed_convs``),
+    the fastest eager by far; under torch.compile, the shifted sum written out
+    (``shifted_mixed_convs``), which inductor fuses into one stencil kernel forward and one backward
+    (level with the compiled depthwise conv alone, a little ahead in whole compiled search steps).
     """
     if _is_compiling():
         return shifted_mixed_convs(v, mix, grid)
