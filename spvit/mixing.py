@@ -55,7 +55,7 @@ def mixed_convs(v: torch.Tensor, mix: torch.Tensor, grid: Tuple[int, int]) -> Tu
     (``benchmarks/mixing_ops.py`` times them): eager, one depthwise conv (``depthwise_mixed_convs``),
     the fastest eager by far; under torch.compile, the shifted sum written out
     (``shifted_mixed_convs``), which inductor fuses into one stencil kernel forward and one backward
-    (level with the compiled depthwise conv alone, a little ahead in whole compiled search steps).
+    (level with the compiled depthwise conv within the CPU's noise, ahead of the grouped conv).
     """
     if _is_compiling():
         return shifted_mixed_convs(v, mix, grid)
