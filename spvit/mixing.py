@@ -9,6 +9,7 @@ from typing import Tuple
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 OFFSETS = tuple((dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1))
 CENTER = OFFSETS.index((0, 0))
@@ -27,9 +28,12 @@ def mix_value(weight: torch.Tensor, bias: torch.Tensor | None, mix: torch.Tensor
     heads = mix.shape[0]
     w = weight.reshape(heads, 1, -1, weight.shape[-1])            # (h, 1, hd, d)
     kernels = (mix[:, :, None, None] * w).sum(0)                  # (9, hd, d)
-    if bias is None:
-        return kernels, None
-    return kernels, (mix[:, :, None] * bias.reshape(heads, 1, -1)).sum(0)
+    return kernels, None if bias is None else mix_bias(bias, mix)
+
+
+def mix_bias(bias: torch.Tensor, mix: torch.Tensor) -> torch.Tensor:
+    """b_k = sum_h P[h,k] b_v^h: shape (9, hd)."""
+    return (mix[:, :, None] * bias.reshape(mix.shape[0], 1, -1)).sum(0)
 
 
 def mix_output(weight: torch.Tensor, mix: torch.Tensor) -> torch.Tensor:
@@ -46,16 +50,18 @@ def conv3x3_weight(kernels: torch.Tensor) -> torch.Tensor:
 
 
 def mixed_convs(v: torch.Tensor, mix: torch.Tensor, grid: Tuple[int, int]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The conv3x3 and conv1x1 ops on the value heads v (B, heads, P, C), channels first (B, C, P)
-    each, as their BatchNorms read them best: conv3x3[b, :, p] = sum_k sum_h P[h, k] v_h[b, p +
-    offset_k], zero padded at the grid's border, and conv1x1 the centre offset's sum_h P[h, centre] v_h.
+    """The conv3x3 and conv1x1 ops on the value heads v (B, heads, P, C), (B, P, C) each:
+    conv3x3[b, p] = sum_k sum_h P[h, k] v_h[b, p + offset_k], zero padded at the grid's border, and
+    conv1x1 the centre offset's sum_h P[h, centre] v_h.
 
     No (B, P, 9, C) tensor of per-offset head mixtures is ever built (the mixtures and their
     shifted sum were the largest part of the search step's extra time). Two exact formulations
-    (``benchmarks/mixing_ops.py`` times them): eager, one depthwise conv (``depthwise_mixed_convs``),
-    the fastest eager by far; under torch.compile, the shifted sum written out
-    (``shifted_mixed_convs``), which inductor fuses into one stencil kernel forward and one backward
-    (level with the compiled depthwise conv within the CPU's noise, ahead of the grouped conv).
+    (``benchmarks/mixing_ops.py`` times them), each returning the memory layout it computes in
+    (``batch_norm_tokens`` reads either): eager, one depthwise conv (``depthwise_mixed_convs``,
+    channels first), the fastest eager by far; under torch.compile, the shifted sum written out
+    (``shifted_mixed_convs``, channels last), which inductor fuses into one stencil kernel forward
+    and one backward, vectorised over the channels (channels first, the BatchNorms' backward
+    gathered across them one element at a time).
     """
     if _is_compiling():
         return shifted_mixed_convs(v, mix, grid)
@@ -66,28 +72,34 @@ def depthwise_mixed_convs(v: torch.Tensor, mix: torch.Tensor, grid: Tuple[int, i
                           ) -> Tuple[torch.Tensor, torch.Tensor]:
     """``mixed_convs`` as one depthwise conv2d over the heads' channels (channel h * C + c, as the
     value projection lays them out, so v needs no reordering), each channel's 3x3 kernel being P's
-    row for its head (offset k is kernel position k in row-major order), summed over the heads."""
+    row for its head (offset k is kernel position k in row-major order), summed over the heads.
+    conv3x3 comes as a transposed view of a channels-first (B, C, P) tensor, conv1x1 channels last."""
     B, heads, P, C = v.shape
     x = v.transpose(2, 3).reshape(B, heads * C, *grid)
     kernel = mix.reshape(heads, 1, 1, 3, 3).expand(heads, C, 1, 3, 3).reshape(heads * C, 1, 3, 3)
     conv3x3 = F.conv2d(x, kernel, padding=1, groups=heads * C).reshape(B, heads, C, P).sum(1)
-    conv1x1 = (v * mix[:, CENTER, None, None]).sum(1).transpose(1, 2)
-    return conv3x3, conv1x1
+    return conv3x3.transpose(1, 2), (v * mix[:, CENTER, None, None]).sum(1)
 
 
 def shifted_mixed_convs(v: torch.Tensor, mix: torch.Tensor, grid: Tuple[int, int]
                         ) -> Tuple[torch.Tensor, torch.Tensor]:
     """``mixed_convs`` as the sum over offsets of the zero-padded grid read at offset k times P's
     column k: in eager mode 9 shifted copies, compiled a single pointwise kernel (and reductions
-    for P's gradient) that reads v in place."""
+    for P's gradient) that reads v in place. Channels last."""
     B, heads, P, C = v.shape
     H, W = grid
     x = F.pad(v.reshape(B, heads, H, W, C), (0, 0, 1, 1, 1, 1))
     mixed = sum(x[:, :, 1 + dy:1 + dy + H, 1 + dx:1 + dx + W] * mix[:, k, None, None, None]
                 for k, (dy, dx) in enumerate(OFFSETS))
-    conv3x3 = mixed.sum(1).reshape(B, P, C).transpose(1, 2).contiguous()
-    conv1x1 = (v * mix[:, CENTER, None, None]).sum(1).transpose(1, 2).contiguous()
-    return conv3x3, conv1x1
+    return mixed.sum(1).reshape(B, P, C), (v * mix[:, CENTER, None, None]).sum(1)
+
+
+def batch_norm_tokens(z: torch.Tensor, bn: nn.BatchNorm1d) -> torch.Tensor:
+    """``bn`` over the channels of z (B, P, C), in z's memory layout: channels first as a (B, C, P)
+    view (a transposed copy costs more than the norm), otherwise as (B * P, C) rows."""
+    if z.transpose(1, 2).is_contiguous():
+        return bn(z.transpose(1, 2)).transpose(1, 2)
+    return bn(z.reshape(-1, z.shape[-1])).reshape(z.shape)
 
 
 def _is_compiling() -> bool:
@@ -111,5 +123,6 @@ def border_bias(bias: torch.Tensor, outside: torch.Tensor) -> torch.Tensor:
 
     A conv pads x with zeros but still adds every offset's bias, so a conv of values that already
     carry their bias (``mixed_convs``) misses exactly this term at the border. ``outside`` is ``border_mask``.
+    A broadcast sum, not a matmul, so that a compiled step fuses it with the conv's BatchNorm.
     """
-    return outside.to(bias.dtype) @ bias
+    return (outside.to(bias.dtype)[..., None] * bias).sum(-2)

@@ -161,7 +161,7 @@ def test_all_gates_closed_keeps_one_unit(small_supernet):
 @pytest.mark.parametrize('formulation', ['mixed_convs', 'depthwise_mixed_convs', 'shifted_mixed_convs'])
 def test_mixed_convs_are_the_per_offset_head_mixtures(formulation):
     """conv3x3 is sum_k sum_h P[h,k] v_h read at offset k with zero padding, conv1x1 the centre
-    offset's mixture (channels first); both differentiable in v and in P. The eager (depthwise) and
+    offset's mixture, (B, P, C) each; both differentiable in v and in P. The eager (depthwise) and
     the compiled (shifted sum) formulations alike."""
     from spvit import mixing
     CENTER, mixed_convs = mixing.CENTER, getattr(mixing, formulation)
@@ -177,9 +177,31 @@ def test_mixed_convs_are_the_per_offset_head_mixtures(formulation):
                 if 0 <= y + dy < H and 0 <= x + dx < W:
                     expected[:, y, x] += (mix[:, k, None].detach() * grid[:, :, y + dy, x + dx]).sum(1)
     conv3x3, conv1x1 = mixed_convs(v.detach(), mix.detach(), (H, W))
-    assert torch.allclose(conv3x3, expected.reshape(B, H * W, C).transpose(1, 2))
-    assert torch.allclose(conv1x1, (mix[:, CENTER, None, None].detach() * v.detach()).sum(1).transpose(1, 2))
+    assert torch.allclose(conv3x3, expected.reshape(B, H * W, C))
+    assert torch.allclose(conv1x1, (mix[:, CENTER, None, None].detach() * v.detach()).sum(1))
     assert torch.autograd.gradcheck(lambda v, m: torch.cat(mixed_convs(v, m, (H, W))), (v, mix))
+
+
+@pytest.mark.parametrize('layout', ['channels_last', 'channels_first'])
+def test_batch_norm_tokens_normalises_channels_in_either_layout(layout):
+    """The conv ops' BatchNorm reads (B, P, C) in the layout the mixing produced it in (a
+    transposed view of (B, C, P) eager, contiguous compiled): same output, gradient and running
+    statistics as BatchNorm1d over the B * P rows, and the output keeps the input's layout."""
+    from spvit.mixing import batch_norm_tokens
+    torch.manual_seed(0)
+    B, P, C = 3, 7, 5
+    ref_bn, bn = torch.nn.BatchNorm1d(C).double(), torch.nn.BatchNorm1d(C).double()
+    data = torch.randn(B, P, C, dtype=torch.double) * 3 + 1
+    z = (data.clone() if layout == 'channels_last' else data.transpose(1, 2).contiguous().transpose(1, 2)).requires_grad_()
+    ref = data.clone().requires_grad_()
+    out, expected = batch_norm_tokens(z, bn), ref_bn(ref.reshape(-1, C)).reshape(B, P, C)
+    assert torch.allclose(out, expected)
+    assert out.transpose(1, 2).is_contiguous() == (layout == 'channels_first')
+    grad = torch.randn(B, P, C, dtype=torch.double)
+    out.backward(grad)
+    expected.backward(grad)
+    assert torch.allclose(z.grad, ref.grad)
+    assert torch.allclose(bn.running_mean, ref_bn.running_mean) and torch.allclose(bn.running_var, ref_bn.running_var)
 
 
 def test_supernet_record_round_trip(tmp_path, small_supernet):
