@@ -28,12 +28,9 @@ def mix_value(weight: torch.Tensor, bias: torch.Tensor | None, mix: torch.Tensor
     heads = mix.shape[0]
     w = weight.reshape(heads, 1, -1, weight.shape[-1])            # (h, 1, hd, d)
     kernels = (mix[:, :, None, None] * w).sum(0)                  # (9, hd, d)
-    return kernels, None if bias is None else mix_bias(bias, mix)
-
-
-def mix_bias(bias: torch.Tensor, mix: torch.Tensor) -> torch.Tensor:
-    """b_k = sum_h P[h,k] b_v^h: shape (9, hd)."""
-    return (mix[:, :, None] * bias.reshape(mix.shape[0], 1, -1)).sum(0)
+    if bias is None:
+        return kernels, None
+    return kernels, (mix[:, :, None] * bias.reshape(heads, 1, -1)).sum(0)
 
 
 def mix_output(weight: torch.Tensor, mix: torch.Tensor) -> torch.Tensor:
@@ -95,11 +92,13 @@ def shifted_mixed_convs(v: torch.Tensor, mix: torch.Tensor, grid: Tuple[int, int
 
 
 def batch_norm_tokens(z: torch.Tensor, bn: nn.BatchNorm1d) -> torch.Tensor:
-    """``bn`` over the channels of z (B, P, C), in z's memory layout: channels first as a (B, C, P)
-    view (a transposed copy costs more than the norm), otherwise as (B * P, C) rows."""
-    if z.transpose(1, 2).is_contiguous():
-        return bn(z.transpose(1, 2)).transpose(1, 2)
-    return bn(z.reshape(-1, z.shape[-1])).reshape(z.shape)
+    """``bn`` over the channels of z (B, P, C). Eager on the (B, C, P) view, as the depthwise conv
+    computes conv3x3; under torch.compile on (B * P, C) rows, as the shifted sum computes them, which
+    inductor vectorises over the channels (on the channels-first view, its BatchNorm backward
+    gathered them one element at a time and the conv ops cost twice as much)."""
+    if _is_compiling():
+        return bn(z.reshape(-1, z.shape[-1])).reshape(z.shape)
+    return bn(z.transpose(1, 2)).transpose(1, 2)
 
 
 def _is_compiling() -> bool:
@@ -123,6 +122,5 @@ def border_bias(bias: torch.Tensor, outside: torch.Tensor) -> torch.Tensor:
 
     A conv pads x with zeros but still adds every offset's bias, so a conv of values that already
     carry their bias (``mixed_convs``) misses exactly this term at the border. ``outside`` is ``border_mask``.
-    A broadcast sum, not a matmul, so that a compiled step fuses it with the conv's BatchNorm.
     """
-    return (outside.to(bias.dtype)[..., None] * bias).sum(-2)
+    return outside.to(bias.dtype) @ bias

@@ -18,7 +18,7 @@ from .errors import UnsupportedModelError
 from .gates import attention_coefficients, attention_gates, hold_conv3x3_open, sample_gates
 from .layers import cosine_window_attention, rotate_patch_tokens, swinv2_position_bias
 from .mixing import (CENTER, OFFSETS, batch_norm_tokens, border_bias, border_mask, conv3x3_weight, head_mixing,
-                     mix_bias, mix_output, mix_value, mixed_convs)
+                     mix_output, mix_value, mixed_convs)
 
 
 def inner_norm_of(module: nn.Module) -> Optional[nn.LayerNorm]:
@@ -255,7 +255,7 @@ class AttentionSlot(nn.Module):
         z3, z1 = mixed_convs(v, mix, self.grid_size)                    # (B, P, hd)
         _, b_v = self.value_projection()
         if b_v is not None:
-            z3 = z3 + border_bias(mix_bias(b_v, mix), self.border).flatten(0, 1)
+            z3 = z3 + border_bias(mix.t() @ b_v.reshape(self.num_heads, -1), self.border).flatten(0, 1)
         z3, z1 = (F.relu(batch_norm_tokens(z, bn)) for z, bn in ((z3, self.bn3), (z1, self.bn1)))
         return self._conv_norm(z3), self._conv_norm(z1)
 
