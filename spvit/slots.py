@@ -255,7 +255,7 @@ class AttentionSlot(nn.Module):
         z3, z1 = mixed_convs(v, mix, self.grid_size)                    # (B, P, hd)
         _, b_v = self.value_projection()
         if b_v is not None:
-            z3 = z3 + border_bias(mix.t() @ b_v.reshape(self.num_heads, -1), self.border).flatten(0, 1)
+            z3 = z3 + border_bias(b_v.reshape(self.num_heads, -1), mix, self.border).flatten(0, 1)
         z3, z1 = (F.relu(batch_norm_tokens(z, bn)) for z, bn in ((z3, self.bn3), (z1, self.bn1)))
         return self._conv_norm(z3), self._conv_norm(z1)
 

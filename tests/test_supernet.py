@@ -183,6 +183,24 @@ def test_mixed_convs_are_the_per_offset_head_mixtures(formulation):
 
 
 @pytest.mark.parametrize('compiling', [False, True])
+def test_border_bias_is_the_offset_biases_off_the_grid(monkeypatch, compiling):
+    """At (y, x) the sum over the offsets k that leave the grid of b_k = sum_h P[h,k] b_v^h: the
+    eager (matmul) and compiled (broadcast) formulations alike."""
+    from spvit import mixing
+    monkeypatch.setattr(mixing, '_is_compiling', lambda: compiling)
+    torch.manual_seed(0)
+    heads, (H, W), C = 3, (4, 5), 2
+    bias, mix = torch.randn(heads, C, dtype=torch.double), torch.rand(heads, 9, dtype=torch.double)
+    expected = torch.zeros(H, W, C, dtype=torch.double)
+    for k, (dy, dx) in enumerate(OFFSETS):
+        for y in range(H):
+            for x in range(W):
+                if not (0 <= y + dy < H and 0 <= x + dx < W):
+                    expected[y, x] += (mix[:, k, None] * bias).sum(0)
+    assert torch.allclose(mixing.border_bias(bias, mix, mixing.border_mask((H, W))), expected)
+
+
+@pytest.mark.parametrize('compiling', [False, True])
 def test_batch_norm_tokens_normalises_the_channels(monkeypatch, compiling):
     """The conv ops' BatchNorm over the channels of (B, P, C), read as the (B, C, P) view eager and
     as (B * P, C) rows compiled, each on the layout its mixing formulation gives: the output,
