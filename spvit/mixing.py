@@ -53,12 +53,11 @@ def mixed_convs(v: torch.Tensor, mix: torch.Tensor, grid: Tuple[int, int]) -> Tu
 
     No (B, P, 9, C) tensor of per-offset head mixtures is ever built (the mixtures and their
     shifted sum were the largest part of the search step's extra time). Two exact formulations
-    (``benchmarks/mixing_ops.py`` times them), each returning the memory layout it computes in
-    (``batch_norm_tokens`` reads either): eager, one depthwise conv (``depthwise_mixed_convs``,
-    channels first), the fastest eager by far; under torch.compile, the shifted sum written out
+    (``benchmarks/mixing_ops.py`` times them), each in the memory layout ``batch_norm_tokens``
+    reads in its mode: eager, one depthwise conv (``depthwise_mixed_convs``, conv3x3 channels
+    first), the fastest eager by far; under torch.compile, the shifted sum written out
     (``shifted_mixed_convs``, channels last), which inductor fuses into one stencil kernel forward
-    and one backward, vectorised over the channels (channels first, the BatchNorms' backward
-    gathered across them one element at a time).
+    and one backward, vectorised over the channels.
     """
     if _is_compiling():
         return shifted_mixed_convs(v, mix, grid)
@@ -94,8 +93,9 @@ def shifted_mixed_convs(v: torch.Tensor, mix: torch.Tensor, grid: Tuple[int, int
 def batch_norm_tokens(z: torch.Tensor, bn: nn.BatchNorm1d) -> torch.Tensor:
     """``bn`` over the channels of z (B, P, C). Eager on the (B, C, P) view, as the depthwise conv
     computes conv3x3; under torch.compile on (B * P, C) rows, as the shifted sum computes them, which
-    inductor vectorises over the channels (on the channels-first view, its BatchNorm backward
-    gathered them one element at a time and the conv ops cost twice as much)."""
+    inductor vectorises over the channels (on the channels-first view its BatchNorm backward
+    gathered them one element at a time, and a compiled attention slot cost twice as much more
+    than timm's attention: ``benchmarks/mixing_ops.py``)."""
     if _is_compiling():
         return bn(z.reshape(-1, z.shape[-1])).reshape(z.shape)
     return bn(z.transpose(1, 2)).transpose(1, 2)
@@ -124,7 +124,8 @@ def border_bias(bias: torch.Tensor, mix: torch.Tensor, outside: torch.Tensor) ->
     A conv pads x with zeros but still adds every offset's bias, so a conv of values that already
     carry their bias (``mixed_convs``) misses exactly this term at the border. ``outside`` is
     ``border_mask``. Eager two matmuls; compiled broadcast sums, which inductor fuses with the
-    conv's BatchNorm (with the matmuls the compiled step kept 8% more memory and lost its lead).
+    conv's BatchNorm (with the matmuls a compiled deit_tiny search step at batch 16 kept 755 MiB
+    of step memory instead of 688).
     """
     outside = outside.to(bias.dtype)
     if _is_compiling():
